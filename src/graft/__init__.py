@@ -1,0 +1,70 @@
+"""Graft: a hub for reusable, fine-tunable, code-free PyTorch modules.
+
+``import graft`` is cheap: torch and everything else load on first use of a name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from graft import errors
+from graft.errors import (
+    FormatError,
+    GraftError,
+    IntegrityError,
+    ModuleNotFound,
+    SignatureError,
+    UnsafeContentError,
+    VersionConflict,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BoundSignature",
+    "FormatError",
+    "GraftError",
+    "ImagePreprocess",
+    "IntegrityError",
+    "Module",
+    "ModuleNotFound",
+    "SavedModule",
+    "Signature",
+    "SignatureError",
+    "Store",
+    "TensorSpec",
+    "TextPreprocess",
+    "UnsafeContentError",
+    "VersionConflict",
+    "__version__",
+    "errors",
+    "load",
+    "save",
+]
+
+# Public name -> the module that defines it, imported on first access.
+_LAZY = {
+    "BoundSignature": "graft.module.runtime",
+    "ImagePreprocess": "graft.module.spec",
+    "Module": "graft.module.runtime",
+    "SavedModule": "graft.module.export",
+    "Signature": "graft.module.export",
+    "Store": "graft.hub.store",
+    "TensorSpec": "graft.module.spec",
+    "TextPreprocess": "graft.module.spec",
+    "load": "graft.module.load",
+    "save": "graft.module.export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'graft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

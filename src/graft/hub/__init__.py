@@ -1,0 +1,1 @@
+"""Where modules live: handles and the local store."""

@@ -1,0 +1,1 @@
+"""What a module is: specs and manifest, export, load, the runtime, preprocessing."""

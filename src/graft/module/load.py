@@ -1,0 +1,93 @@
+"""``graft.load``: resolve a handle, check the module, and build a ``graft.Module``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graft.errors import FormatError, IntegrityError
+from graft.module.files import refuse_code_or_pickle
+from graft.module.manifest import Manifest, resolve_inside
+from graft.module.runtime import Module
+from graft.module.spec import DTYPES
+
+__all__ = ["check_module", "load", "read_safetensors"]
+
+
+def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
+         store: Any = None) -> Module:
+    """Load a module by handle.
+
+    Args:
+        handle: ``name``, ``name@1.0.0``, ``name@sha256:<hex>`` (the local store), a module
+            directory (``./path``, ``/abs/path``, ``file://...``).
+        trainable: ``True``: parameters require grad and ``.train()`` runs the train programs.
+            ``False``: frozen, always the eval programs. ``None``: the module's own policy.
+        store: The store to resolve store handles in (default: ``$GRAFT_HOME``).
+
+    Raises:
+        ModuleNotFound: nothing answers to the handle.
+        IntegrityError: a file does not match its recorded digest.
+        FormatError / UnsafeContentError: the module is malformed or holds code or pickles.
+    """
+    from graft.hub.handles import parse_handle
+
+    parsed = parse_handle(handle)
+    if parsed.kind == "store":
+        from graft.hub.store import Store
+
+        stored = (store or Store()).resolve(parsed)
+        directory = Path(stored.path)
+        manifest = Manifest.read(directory)
+        # The store verified every byte when the module entered it; resolve() re-checked sizes.
+        check_module(directory, manifest, hash_contents=False)
+    elif parsed.kind == "path":
+        directory = Path(parsed.path).expanduser()
+        manifest = Manifest.read(directory)
+        check_module(directory, manifest, hash_contents=True)
+    else:
+        raise FormatError(f"cannot load {handle!s}: remote registries are not configured in "
+                          "this version; pull the module into the local store first")
+    tensors = read_safetensors(resolve_inside(directory.resolve(), "weights.safetensors"))
+    _check_tensors(manifest, tensors)
+    return Module(manifest, directory, tensors,
+                  trainable=manifest.fine_tuning.trainable if trainable is None else trainable)
+
+
+def check_module(directory: Path, manifest: Manifest, *, hash_contents: bool) -> None:
+    """Check every file's presence, size (and sha256) and refuse code or pickles."""
+    manifest.verify_files(directory, hash_contents=hash_contents)
+    root = Path(directory).resolve()
+    for rel in manifest.files:
+        with open(resolve_inside(root, rel), "rb") as f:
+            refuse_code_or_pickle(rel, f.read(64))
+    if "weights.safetensors" not in manifest.files:
+        raise FormatError(f"module {manifest.name} has no weights.safetensors")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a malformed header is a ``FormatError``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise FormatError(f"{path.name} is not a valid safetensors file ({exc}); the module "
+                          "is corrupt") from None
+
+
+def _check_tensors(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
+    expected, found = set(manifest.tensors), set(tensors)
+    if expected != found:
+        missing, extra = sorted(expected - found)[:5], sorted(found - expected)[:5]
+        raise IntegrityError(f"weights.safetensors does not hold the tensors the manifest "
+                             f"lists (missing {missing}, unexpected {extra})")
+    for key, entry in manifest.tensors.items():
+        tensor = tensors[key]
+        if tensor.dtype != DTYPES.get(entry.dtype) or tuple(tensor.shape) != entry.shape:
+            raise IntegrityError(f"tensor {key} is {tensor.dtype}{list(tensor.shape)} but the "
+                                 f"manifest records {entry.dtype}{list(entry.shape)}")

@@ -1,0 +1,251 @@
+"""``graft.Module``: a loaded module, an ordinary ``nn.Module`` over shared weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from graft.errors import FormatError, SignatureError
+from graft.module.manifest import Manifest, resolve_inside
+from graft.module.program import Program, program_from_json
+from graft.module.spec import ImagePreprocess, SignatureSpec, TextPreprocess
+
+__all__ = ["BoundSignature", "Module"]
+
+
+def _tree(tensors: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
+          trainable: bool) -> nn.Module:
+    """Nest tensors into empty ``nn.Module``s so they keep their fully-qualified names."""
+    root = nn.Module()
+    for fqn, tensor in tensors.items():
+        *path, leaf = fqn.split(".")
+        owner = root
+        for part in path:
+            child = owner._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                owner.add_module(part, child)
+            owner = child
+        if kinds[fqn] == "parameter":
+            owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=trainable))
+        else:
+            owner.register_buffer(leaf, tensor)
+    return root
+
+
+class Module(nn.Module):
+    """A module loaded from the hub: named signatures over one shared set of weights.
+
+    ``m(x)`` calls the default signature; ``m.signature("features")`` returns an ``nn.Module``
+    view of another one. Parameters live under ``m.weights`` by their original names, so
+    optimizers, ``state_dict`` and ``named_parameters`` work as usual.
+
+    Frozen (``trainable=False``) modules always run their eval programs, as a black box. A
+    trainable module runs the train programs in ``.train()`` mode (batch norm uses and
+    updates batch statistics, dropout is on) and the eval programs in ``.eval()`` mode,
+    always over the same parameter objects.
+    """
+
+    def __init__(self, manifest: Manifest, directory: Path, tensors: Mapping[str, torch.Tensor],
+                 *, trainable: bool) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.directory = Path(directory)
+        self.trainable = trainable
+        kinds = {k: v.kind for k, v in manifest.tensors.items()}
+        self.weights = _tree(tensors, kinds, trainable)
+        self._programs: dict[tuple[str, str], tuple[Program, dict[str, torch.Tensor]]] = {}
+        self._views: dict[str, BoundSignature] = {}
+        self._preprocessors: dict[str, Callable[..., dict[str, torch.Tensor]]] = {}
+        self.train(False)
+
+    # -- what it is ------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    @property
+    def signatures(self) -> dict[str, SignatureSpec]:
+        """Signature name -> its spec (inputs, outputs, preprocessing)."""
+        return dict(self.manifest.signatures)
+
+    @property
+    def default_signature(self) -> str:
+        return self.manifest.default_signature
+
+    def asset_path(self, name: str) -> Path:
+        """The path of an asset file (``labels.txt``, ``tokenizer.json``, ...)."""
+        rel = f"assets/{name}"
+        if rel not in self.manifest.files:
+            assets = sorted(f.removeprefix("assets/") for f in self.manifest.files
+                            if f.startswith("assets/"))
+            raise FileNotFoundError(f"module {self.name} has no asset {name!r}; it has "
+                                    f"{assets}")
+        return resolve_inside(self.directory.resolve(), rel)
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, version={self.version!r}, "
+                f"signatures={list(self.manifest.signatures)}, trainable={self.trainable}")
+
+    # -- calling ---------------------------------------------------------------------------
+
+    def signature(self, name: str) -> BoundSignature:
+        """An ``nn.Module`` that calls signature ``name`` of this module."""
+        if name not in self.manifest.signatures:
+            raise SignatureError(f"module {self.name} has no signature {name!r}; it has "
+                                 f"{sorted(self.manifest.signatures)}")
+        if name not in self._views:
+            # Kept in a plain dict, not as a submodule: the view owns the module, not the reverse.
+            self._views[name] = BoundSignature(self, name)
+        return self._views[name]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(self.default_signature, *args, **kwargs)
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Run signature ``name``: check inputs, apply preprocessing, run its program.
+
+        Returns:
+            The output tensor when the signature has one output, else a dict name -> tensor.
+        """
+        spec = self.manifest.signatures.get(name)
+        if spec is None:
+            raise SignatureError(f"module {self.name} has no signature {name!r}; it has "
+                                 f"{sorted(self.manifest.signatures)}")
+        inputs = self._bind(name, spec, args, kwargs)
+        variant = "train" if self.training and self.trainable and "train" in spec.programs \
+            else "eval"
+        program, constants = self._program(name, variant)
+        state = self._state()
+        outputs = program(state, constants, inputs)
+        if len(outputs) == 1:
+            return outputs[0]
+        return dict(zip(spec.outputs, outputs))
+
+    def _bind(self, name: str, spec: SignatureSpec, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        names = list(spec.inputs)
+        if spec.preprocess is not None and args and not isinstance(args[0], torch.Tensor):
+            if len(args) > 1 or kwargs:
+                raise SignatureError(f"signature {name!r} preprocesses raw "
+                                     f"{spec.preprocess.kind} data: pass it alone, as one "
+                                     "argument")
+            kwargs = self._preprocess(name, spec, args[0])
+            args = ()
+        if len(args) > len(names):
+            raise SignatureError(f"signature {name!r} takes {len(names)} inputs {names}, got "
+                                 f"{len(args)} positional arguments")
+        bound = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in spec.inputs:
+                raise SignatureError(f"signature {name!r} has no input {key!r}; its inputs "
+                                     f"are {names}")
+            if key in bound:
+                raise SignatureError(f"input {key!r} of signature {name!r} given twice")
+            bound[key] = value
+        missing = [n for n in names if n not in bound]
+        if missing:
+            raise SignatureError(f"signature {name!r} is missing inputs {missing}; it takes "
+                                 + ", ".join(f"{k}: {v}" for k, v in spec.inputs.items()))
+        sizes: dict[str, int] = {}
+        for key, tensor_spec in spec.inputs.items():
+            tensor_spec.check(key, bound[key], sizes)
+        return [bound[k] for k in names]
+
+    def _preprocess(self, name: str, spec: SignatureSpec, data: Any) -> dict[str, torch.Tensor]:
+        from graft.module import preprocess as pre
+
+        fn = self._preprocessors.get(name)
+        if fn is None:
+            if isinstance(spec.preprocess, ImagePreprocess):
+                fn = pre.image_preprocessor(spec.preprocess, next(iter(spec.inputs)))
+            elif isinstance(spec.preprocess, TextPreprocess):
+                path = resolve_inside(self.directory.resolve(), spec.preprocess.tokenizer)
+                fn = pre.text_preprocessor(spec.preprocess, path, list(spec.inputs))
+            else:  # pragma: no cover - the manifest parser admits no other kind
+                raise FormatError(f"unknown preprocessing {spec.preprocess!r}")
+            self._preprocessors[name] = fn
+        device = next(iter(self._state().values()), torch.empty(0)).device
+        return {k: v.to(device) for k, v in fn(data).items()}
+
+    # -- programs and state ----------------------------------------------------------------
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = dict(self.weights.named_parameters())
+        state.update(self.weights.named_buffers())
+        return state
+
+    def _program(self, name: str, variant: str) -> tuple[Program, dict[str, torch.Tensor]]:
+        key = (name, variant)
+        if key not in self._programs:
+            rel = self.manifest.signatures[name].programs[variant]
+            path = resolve_inside(self.directory.resolve(), rel)
+            program = program_from_json(path.read_bytes(), name=f"{self.name}.{name}.{variant}")
+            constants: dict[str, torch.Tensor] = {}
+            const_rel = rel.removesuffix(".json") + ".constants.safetensors"
+            if const_rel in self.manifest.files:
+                from graft.module.load import read_safetensors
+
+                constants = read_safetensors(resolve_inside(self.directory.resolve(), const_rel))
+            device = next(iter(self._state().values()), torch.empty(0)).device
+            constants = {k: v.to(device) for k, v in constants.items()}
+            self._programs[key] = (program, constants)
+        return self._programs[key]
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Module:
+        # Moving the module (.to, .cuda, .half) must move cached program constants too.
+        super()._apply(fn, recurse)
+        self._programs.clear()
+        return self
+
+    def program_code(self, name: str | None = None, variant: str = "eval") -> str:
+        """The Python code a signature's program runs, op by op (for reading and debugging)."""
+        program, _ = self._program(name or self.default_signature, variant)
+        return program.graph_module.code
+
+    def describe(self) -> str:
+        """A human-readable table of the signatures."""
+        rows = []
+        for key, spec in self.manifest.signatures.items():
+            mark = "*" if key == self.default_signature else " "
+            ins = ", ".join(f"{k}: {v}" for k, v in spec.inputs.items())
+            outs = ", ".join(f"{k}: {v}" for k, v in spec.outputs.items())
+            pre = f" [{spec.preprocess.kind}]" if spec.preprocess else ""
+            rows.append(f"{mark} {key}({ins}) -> {outs}{pre}")
+        return "\n".join(rows)
+
+
+class BoundSignature(nn.Module):
+    """One signature of a ``graft.Module`` as an ``nn.Module`` (composes with nn.Sequential).
+
+    Its parameters are the parent module's, so an optimizer over a model that contains the
+    view trains the shared weights.
+    """
+
+    def __init__(self, module: Module, name: str) -> None:
+        super().__init__()
+        self.module = module
+        self.name = name
+
+    @property
+    def spec(self) -> SignatureSpec:
+        return self.module.manifest.signatures[self.name]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module.call(self.name, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"signature={self.name!r}"
+
