@@ -219,13 +219,12 @@ class Store:
                 stored = self._stored(row)
                 if not self._damage(stored, hash_contents=True):
                     return stored
-                self._install(source, manifest, replace_tree=True)
-                return stored
+                return self._install(source, manifest, conn, repairing=stored)
             clash = _fetch_one(conn, "SELECT * FROM modules WHERE name = ? AND version = ?",
                                (manifest.name, manifest.version))
             if clash is not None:
                 raise VersionConflict(_conflict_message(manifest, clash["digest"]))
-            return self._install(source, manifest, conn=conn)
+            return self._install(source, manifest, conn)
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
@@ -482,12 +481,13 @@ class Store:
         path.mkdir()
         return path
 
-    def _install(self, source: Path, manifest: Manifest, *,
-                 conn: sqlite3.Connection | None = None,
-                 replace_tree: bool = False) -> StoredModule:
-        """Write blobs and the module tree, then (given ``conn``) the index row.
+    def _install(self, source: Path, manifest: Manifest, conn: sqlite3.Connection, *,
+                 repairing: StoredModule | None = None) -> StoredModule:
+        """Write blobs and the module tree, then the index row.
 
-        On failure, what this call created is taken back. Must hold the writer lock.
+        When ``repairing`` an indexed module, damaged blobs and the tree are rewritten and the
+        row stays. On failure, what this call created is taken back. The caller holds the
+        writer lock.
         """
         work = self._new_tmp(_ADD_PREFIX)
         target = self.module_path(manifest.digest)
@@ -513,8 +513,8 @@ class Store:
                 os.replace(target, work / "previous")
             _publish(tree, target)
             published = True
-            if conn is None:
-                return self._find(Handle("store", name=manifest.name, digest=manifest.digest))
+            if repairing is not None:
+                return repairing
             created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
             with _transaction(conn):
                 _insert_rows(conn, manifest, created)
@@ -522,7 +522,7 @@ class Store:
                                 digest=manifest.digest, path=target, created=created,
                                 size=manifest.size, parents=tuple(manifest.parents))
         except BaseException:
-            if published and conn is not None:
+            if published and repairing is None:
                 with _suppress_os_error():
                     os.replace(target, work / "failed")
             for blob in new_blobs:

