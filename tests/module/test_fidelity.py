@@ -136,3 +136,26 @@ def test_state_dict_uses_source_names(tiny_cnn, images, tmp_path):
     loaded = _save_cnn(tiny_cnn, tmp_path / "m", images)
     names = {k.removeprefix("weights.") for k in loaded.state_dict()}
     assert names == set(tiny_cnn.state_dict())
+
+
+def test_size_guards_become_checked_dimension_bounds(images, tmp_path):
+    class Guarded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(10, 4))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            if ids.shape[0] > 3:  # traced with batch 4: valid only for batch >= 4
+                return self.table[: ids.shape[1]] * 2
+            return self.table[: ids.shape[1]]
+
+    graft.save(Guarded(), tmp_path / "g", name="g", version="1", signatures={
+        "forward": graft.Signature(inputs={"ids": "int64[batch,seq]"},
+                                   example_inputs=(torch.zeros(4, 5, dtype=torch.int64),))})
+    loaded = graft.load(tmp_path / "g")
+    assert loaded.signatures["forward"].dims == {"batch": (4, None), "seq": (1, 10)}
+    loaded(torch.zeros(6, 10, dtype=torch.int64))
+    with pytest.raises(graft.SignatureError, match="'batch' is 2, but this signature takes 4"):
+        loaded(torch.zeros(2, 5, dtype=torch.int64))
+    with pytest.raises(graft.SignatureError, match="truncate the input to 10"):
+        loaded(torch.zeros(4, 11, dtype=torch.int64))

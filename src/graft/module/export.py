@@ -32,7 +32,13 @@ from graft.module.manifest import (
 from graft.module.program import Program, program_from_json, program_to_json
 from graft.module.spec import ImagePreprocess, SignatureSpec, TensorSpec, TextPreprocess, dtype_name
 
-__all__ = ["SavedModule", "Signature", "save"]
+__all__ = [
+    "SavedModule",
+    "Signature",
+    "model_card_text",
+    "save",
+    "tensor_sha256",
+]
 
 _EXAMPLE_SIZES = {"batch": 2, "seq": 8}
 
@@ -437,26 +443,36 @@ def _user_input_nodes(ep: Any) -> list[Any]:
 
 
 def _dim_bounds(ep: Any, specs: dict[str, TensorSpec]) -> dict[str, tuple[int, int | None]]:
-    """Upper bounds export proved for named dimensions (lower bounds: 1, see docs/format.md)."""
+    """The range export proved each named dimension valid for.
+
+    torch.export assumes sizes >= 2 while tracing (0 and 1 would specialise) but the graph
+    it records runs for size 1 too, so a lower bound of 2 is recorded as 1.
+    """
     bounds: dict[str, tuple[int, int | None]] = {}
     for node, spec in zip(_user_input_nodes(ep), specs.values()):
         for size, dim in zip(node.meta["val"].shape, spec.shape):
             if not (isinstance(size, torch.SymInt) and isinstance(dim, str)):
                 continue
             ranges = ep.range_constraints.get(size.node.expr)
-            upper = None
+            lower, upper = 1, None
             if ranges is not None:
-                try:
-                    upper = int(ranges.upper)
-                except (TypeError, ValueError, OverflowError, AttributeError):
-                    upper = None  # unbounded (int_oo)
-                if upper is not None and upper >= 2**31:
-                    upper = None
+                lower = max(1, _finite(ranges.lower) or 0)
+                lower = 1 if lower <= 2 else lower
+                upper = _finite(ranges.upper)
             low, high = bounds.get(dim, (1, None))
+            low = max(low, lower)
             if upper is not None:
                 high = upper if high is None else min(high, upper)
             bounds[dim] = (low, high)
-    return {k: v for k, v in bounds.items() if v[1] is not None}
+    return {k: v for k, v in bounds.items() if v != (1, None)}
+
+
+def _finite(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None  # int_oo: unbounded
+    return number if abs(number) < 2**31 else None
 
 
 def _output_specs(ep: Any, specs: dict[str, TensorSpec], names: list[str]) -> dict[str, TensorSpec]:

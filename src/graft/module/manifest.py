@@ -19,15 +19,18 @@ from graft.module.spec import SignatureSpec
 
 __all__ = [
     "FORMAT",
-    "MANIFEST_NAME",
     "FileEntry",
     "FineTuning",
+    "MANIFEST_NAME",
     "Manifest",
     "Parent",
     "TensorEntry",
     "canonical_json",
     "check_relative_path",
+    "resolve_inside",
     "sha256_file",
+    "validate_name",
+    "validate_version",
 ]
 
 FORMAT = "graft.module/1"

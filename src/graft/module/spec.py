@@ -21,6 +21,8 @@ __all__ = [
     "SignatureSpec",
     "TensorSpec",
     "TextPreprocess",
+    "dtype_name",
+    "dtype_name_or_str",
     "preprocess_from_json",
 ]
 
