@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 and MiniLM: against their reference implementations, and through torch.export."""
+"""EfficientNet-Lite0 and MiniLM against their reference implementations and through export."""
 
 from __future__ import annotations
 
@@ -66,10 +66,14 @@ def pretrained_efficientnet() -> EfficientNetLite0:
 
 
 @pytest.mark.pretrained
-def test_efficientnet_matches_reference_bit_for_bit(pretrained_efficientnet: EfficientNetLite0) -> None:
+def test_efficientnet_matches_reference_bit_for_bit(
+    pretrained_efficientnet: EfficientNetLite0,
+) -> None:
     reference_package = pytest.importorskip("efficientnet_lite_pytorch")
     reference = reference_package.EfficientNet.from_name("efficientnet-lite0")
-    reference.load_state_dict(torch.load(efficientnet.weights_path(), weights_only=True), strict=True)
+    reference.load_state_dict(
+        torch.load(efficientnet.weights_path(), weights_only=True), strict=True
+    )
     ours = pretrained_efficientnet
     assert not ours.training
     assert ours.state_dict().keys() == reference.state_dict().keys()
@@ -84,12 +88,16 @@ def test_efficientnet_matches_reference_bit_for_bit(pretrained_efficientnet: Eff
     out = ours(x)
     torch.manual_seed(7)
     torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
-    for (name, ours_buffer), (_, reference_buffer) in zip(ours.named_buffers(), reference.named_buffers()):
+    for (name, ours_buffer), (_, reference_buffer) in zip(
+        ours.named_buffers(), reference.named_buffers(), strict=True
+    ):
         torch.testing.assert_close(ours_buffer, reference_buffer, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.pretrained
-def test_efficientnet_recognises_chelsea_the_cat(pretrained_efficientnet: EfficientNetLite0) -> None:
+def test_efficientnet_recognises_chelsea_the_cat(
+    pretrained_efficientnet: EfficientNetLite0,
+) -> None:
     data = pytest.importorskip("skimage.data")
     from PIL import Image
 
@@ -114,8 +122,12 @@ def test_efficientnet_signatures() -> None:
 
 @pytest.mark.parametrize(
     "images",
-    [torch.zeros(2, 3, 128, 128), torch.zeros(2, 3, 224, 224, dtype=torch.float64), torch.zeros(3, 224, 224),
-     torch.zeros(2, 224, 224, 3)],  # fmt: skip
+    [
+        torch.zeros(2, 3, 128, 128),
+        torch.zeros(2, 3, 224, 224, dtype=torch.float64),
+        torch.zeros(3, 224, 224),
+        torch.zeros(2, 224, 224, 3),
+    ],  # fmt: skip
     ids=["small", "float64", "no batch", "channels last"],
 )
 def test_efficientnet_rejects_bad_images(images: torch.Tensor) -> None:
@@ -140,7 +152,9 @@ def test_efficientnet_exports_in_train_mode() -> None:
     model = _seeded_efficientnet().train()
     eager = copy.deepcopy(model)  # the exported module shares tensors with `model`
     before = {name: b.clone() for name, b in model.named_buffers()}
-    program = torch.export.export(model, (_images(2),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(
+        model, (_images(2),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
     exported = program.module()
 
     x = _images(3, seed=1)
@@ -188,7 +202,9 @@ def random_minilm() -> MiniLM:
 
 @pytest.mark.pretrained
 @pytest.mark.slow  # importing sentence-transformers takes seconds
-def test_minilm_matches_sentence_transformers(pretrained_minilm: MiniLM, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_minilm_matches_sentence_transformers(
+    pretrained_minilm: MiniLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     sentence_transformers = pytest.importorskip("sentence_transformers")
@@ -240,11 +256,17 @@ def test_minilm_token_embeddings(pretrained_minilm: MiniLM) -> None:
         (torch.ones(2, 5, dtype=torch.int64), torch.ones(2, 5), "attention_mask"),
         (torch.ones(5, dtype=torch.int64), torch.ones(5, dtype=torch.int64), r"int64\[batch,seq\]"),
         (torch.ones(2, 5, dtype=torch.int64), torch.ones(2, 4, dtype=torch.int64), "same shape"),
-        (torch.ones(1, 513, dtype=torch.int64), torch.ones(1, 513, dtype=torch.int64), "512 positions"),
+        (
+            torch.ones(1, 513, dtype=torch.int64),
+            torch.ones(1, 513, dtype=torch.int64),
+            "512 positions",
+        ),
     ],
     ids=["int32 ids", "float mask", "1-D", "mismatched", "too long"],
 )
-def test_minilm_rejects_bad_inputs(ids: torch.Tensor, mask: torch.Tensor, match: str, random_minilm: MiniLM) -> None:
+def test_minilm_rejects_bad_inputs(
+    ids: torch.Tensor, mask: torch.Tensor, match: str, random_minilm: MiniLM
+) -> None:
     with pytest.raises(SignatureError, match=match):
         random_minilm.embed(ids, mask)
 
@@ -265,7 +287,9 @@ def test_minilm_exports_with_dynamic_batch_and_sequence(method: str) -> None:
     # seq >= 2 avoids torch.export's 0/1 specialisation; <= 512 is the position table's size.
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=512)
     dims = {0: batch, 1: seq}
-    program = torch.export.export(wrapper, _random_tokens(2, 7, seed=0), dynamic_shapes=(dims, dims))
+    program = torch.export.export(
+        wrapper, _random_tokens(2, 7, seed=0), dynamic_shapes=(dims, dims)
+    )
     for shape in [(3, 11), (1, 2), (4, 64)]:
         inputs = _random_tokens(*shape, seed=sum(shape))
         with torch.no_grad():
@@ -277,7 +301,9 @@ def test_minilm_exports_in_train_mode() -> None:
     torch.manual_seed(0)
     wrapper = _TextMethod(MiniLM().train(), "embed")
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", min=2, max=512)}
-    program = torch.export.export(wrapper, _random_tokens(2, 7, seed=0), dynamic_shapes=(dims, dims))
+    program = torch.export.export(
+        wrapper, _random_tokens(2, 7, seed=0), dynamic_shapes=(dims, dims)
+    )
     inputs = _random_tokens(3, 9, seed=1)
     torch.manual_seed(5)
     out = program.module()(*inputs)

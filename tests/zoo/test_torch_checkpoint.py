@@ -107,11 +107,15 @@ def test_views_with_offsets_and_strides_match_torch_load(tmp_path: Path, layout:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_module_state_dict_with_metadata(tmp_path: Path, layout: str) -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 2)
+    )
     path = _save(model.state_dict(), tmp_path / "model.pt", layout)  # an OrderedDict with _metadata
     got = read_torch_checkpoint(path)
     _assert_same(got, torch.load(path, weights_only=True))
-    torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 2)).load_state_dict(got)
+    torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 2)
+    ).load_state_dict(got)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -143,13 +147,21 @@ def test_dtypes_saved_as_untyped_storage(tmp_path: Path) -> None:
 @pytest.mark.parametrize("wrapper", ["state_dict", "model"])
 def test_training_checkpoint_wrappers(tmp_path: Path, layout: str, wrapper: str) -> None:
     state = {"w": torch.ones(2), "b": torch.zeros(1)}
-    path = _save({"epoch": 3, wrapper: state, "best": 0.5, "lr": torch.tensor(0.1)}, tmp_path / "ckpt.pt", layout)
+    path = _save(
+        {"epoch": 3, wrapper: state, "best": 0.5, "lr": torch.tensor(0.1)},
+        tmp_path / "ckpt.pt",
+        layout,
+    )
     _assert_same(read_torch_checkpoint(path), state)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_nested_containers_flatten_to_dotted_names(tmp_path: Path, layout: str) -> None:
-    obj = {"enc": {"w": torch.ones(2), "steps": 10}, "heads": [torch.zeros(1), (torch.full((2,), 2.0),)], "note": None}
+    obj = {
+        "enc": {"w": torch.ones(2), "steps": 10},
+        "heads": [torch.zeros(1), (torch.full((2,), 2.0),)],
+        "note": None,
+    }
     got = read_torch_checkpoint(_save(obj, tmp_path / "nested.pt", layout))
     _assert_same(
         got, {"enc.w": torch.ones(2), "heads.0": torch.zeros(1), "heads.1.0": torch.full((2,), 2.0)}
@@ -163,8 +175,13 @@ def _swap_bytes(data: bytes, dtype: torch.dtype) -> bytes:
 
 def test_big_endian_zip(tmp_path: Path) -> None:
     # Rewrite a little-endian file as a big-endian machine would have written it.
-    obj = {"f32": torch.randn(3, 2), "i64": torch.arange(-3, 3), "f16": torch.randn(4).half(),
-           "c64": torch.randn(2, dtype=torch.complex64), "u8": torch.arange(5, dtype=torch.uint8)}  # fmt: skip
+    obj = {
+        "f32": torch.randn(3, 2),
+        "i64": torch.arange(-3, 3),
+        "f16": torch.randn(4).half(),
+        "c64": torch.randn(2, dtype=torch.complex64),
+        "u8": torch.arange(5, dtype=torch.uint8),
+    }
     little = _save(obj, tmp_path / "little.pt", "zip")
     big = tmp_path / "big.pt"
     with zipfile.ZipFile(little) as src, zipfile.ZipFile(big, "w") as dst:
@@ -214,7 +231,10 @@ def _payloads(target: Path) -> dict[str, tuple[object, tuple[str, ...]]]:
     exec_code = f"open({str(target)!r}, 'w').write('pwned')"
     return {
         "os.system": (_Exploit(os.system, f"touch {target}"), (f"{os.system.__module__}.system",)),
-        "builtins.exec": (_Exploit(builtins.exec, exec_code), ("builtins.exec", "__builtin__.exec")),
+        "builtins.exec": (
+            _Exploit(builtins.exec, exec_code),
+            ("builtins.exec", "__builtin__.exec"),
+        ),
         "builtins.open": (_Exploit(builtins.open, str(target), "w"), ("io.open",)),
         "Path.write_text": (
             _Exploit(Path.write_text, target, "pwned"),
@@ -224,7 +244,9 @@ def _payloads(target: Path) -> dict[str, tuple[object, tuple[str, ...]]]:
 
 
 def _legacy_file(path: Path, data_pickle: bytes) -> Path:
-    header = b"".join(pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}))
+    header = b"".join(
+        pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})
+    )
     path.write_bytes(header + data_pickle + pickle.dumps([], protocol=2))
     return path
 
@@ -239,8 +261,12 @@ def _zip_file(path: Path, data_pickle: bytes) -> Path:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("protocol", [2, 4])
-@pytest.mark.parametrize("payload", ["os.system", "builtins.exec", "builtins.open", "Path.write_text"])
-def test_code_executing_globals_are_refused(tmp_path: Path, layout: str, protocol: int, payload: str) -> None:
+@pytest.mark.parametrize(
+    "payload", ["os.system", "builtins.exec", "builtins.open", "Path.write_text"]
+)
+def test_code_executing_globals_are_refused(
+    tmp_path: Path, layout: str, protocol: int, payload: str
+) -> None:
     target = tmp_path / "pwned.txt"
     exploit, global_names = _payloads(target)[payload]
     data = pickle.dumps({"weight": [1.0, 2.0], "evil": exploit}, protocol=protocol)
@@ -287,7 +313,9 @@ def test_unsupported_opcodes_are_refused(tmp_path: Path) -> None:
 def test_truncated_files_raise_format_error(tmp_path: Path, layout: str, keep: str) -> None:
     path = _save({"a": torch.randn(100, 10), "b": torch.arange(50)}, tmp_path / "full.pt", layout)
     data = path.read_bytes()
-    size = {"nothing": 0, "header": 40, "half": len(data) // 2, "all but one byte": len(data) - 1}[keep]
+    size = {"nothing": 0, "header": 40, "half": len(data) // 2, "all but one byte": len(data) - 1}[
+        keep
+    ]
     cut = tmp_path / "cut.pt"
     cut.write_bytes(data[:size])
     with pytest.raises(FormatError) as info:

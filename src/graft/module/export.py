@@ -143,6 +143,7 @@ def save(
         raise FormatError(f"default_signature={default!r} is not one of the signatures "
                           f"{sorted(specs)}")
     parent_entries = tuple(p if isinstance(p, Parent) else Parent(*p) for p in parents)
+    parent_entries += _embedded_parents(model, {p.digest for p in parent_entries})
 
     def write(directory: Path) -> Manifest:
         return _write_module(model, directory, name=name, version=version, specs=specs,
@@ -173,6 +174,18 @@ def save(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return SavedModule(name, version, manifest.digest, target, str(target))
+
+
+def _embedded_parents(model: nn.Module, known: set[str]) -> tuple[Parent, ...]:
+    """Every hub module inside ``model`` is a parent of what is saved: lineage is automatic."""
+    from graft.module.runtime import Module
+
+    found = []
+    for sub in model.modules():
+        if isinstance(sub, Module) and sub.digest not in known:
+            known.add(sub.digest)
+            found.append(Parent(f"{sub.name}@{sub.version}", sub.digest))
+    return tuple(found)
 
 
 # -- signatures -------------------------------------------------------------------------------

