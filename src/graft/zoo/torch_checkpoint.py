@@ -83,9 +83,10 @@ def read_torch_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tenso
         flattened with dotted names (``{'a': {'b': t}}`` gives ``'a.b'``, ``{'a': [t]}``
         gives ``'a.0'``); values that are not tensors (ints, strings, ``None``) are skipped.
         Every tensor is on the CPU whatever device it was saved from, owns its memory (views
-        that shared a storage in the file are copied apart), keeps the saved size, stride and
-        dtype, and is a plain tensor: ``nn.Parameter`` comes back as its data, with
-        ``requires_grad=False``.
+        that shared a storage in the file are copied apart; a tensor saved under two names,
+        like tied weights, comes back as one tensor under both, as with ``torch.load``), keeps
+        the saved size, dtype and, when dense, stride order, and is a plain tensor:
+        ``nn.Parameter`` comes back as its data, with ``requires_grad=False``.
 
     Raises:
         UnsafeContentError: the pickle names a global other than the few a state dict uses
@@ -194,10 +195,9 @@ def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any) -
 
 
 def _rebuild_tensor_v2(
-    storage: Any, offset: Any, size: Any, stride: Any, *unused: Any
-) -> _TensorRef:  # unused: requires_grad, backward hooks[, Python attributes]
-    if len(unused) > 3:
-        raise TypeError("too many arguments")
+    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+    hooks: Any = None, metadata: Any = None,
+) -> _TensorRef:  # fmt: skip
     # A typed storage (torch.FloatStorage, ...) gives the tensor its dtype.
     dtype = storage.dtype if isinstance(storage, _StorageRef) else None
     return _tensor_ref(storage, offset, size, stride, dtype)
@@ -353,14 +353,11 @@ def _run_pickle(
         elif op == "POP_MARK":
             pop_mark()
         elif op == "DUP":
-            stack.append(pop()[0])
-            stack.append(stack[-1])
+            stack.append(top(object, op))
         elif op in _PUTS:
-            memo[arg] = pop()[0]
-            stack.append(memo[arg])
+            memo[arg] = top(object, op)
         elif op == "MEMOIZE":
-            memo[len(memo)] = pop()[0]
-            stack.append(memo[len(memo) - 1])
+            memo[len(memo)] = top(object, op)
         elif op in _GETS:
             if arg not in memo:
                 raise FormatError(
