@@ -135,7 +135,7 @@ def test_add_then_resolve(store: Store, make_module: Callable[..., Path]) -> Non
 
 def test_add_records_parents(store: Store, make_module: Callable[..., Path]) -> None:
     base = store.add(make_module("base", "1.0.0"))
-    parent = Parent(base.handle, base.digest.removeprefix("sha256:"))
+    parent = Parent(base.handle, base.digest)
     child = store.add(make_module("child", "1.0.0", parents=(parent,)))
     assert child.parents == (parent,)
     assert store.resolve("child").parents == (parent,)

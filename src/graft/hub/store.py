@@ -230,8 +230,8 @@ class Store:
     def staging(self) -> Iterator[Path]:
         """A fresh empty directory inside the store's ``tmp/``, removed on exit.
 
-        Write a module there, then :meth:`add` it: being on the store's filesystem, the copy is
-        cheap, and :meth:`gc` leaves the directory alone for as long as this context is open.
+        Write a module there, then :meth:`add` it. :meth:`gc`, from any process, leaves the
+        directory alone for as long as this context is open, and reaps it if the process dies.
         """
         self._make_dirs()
         name = f"{_STAGE_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
@@ -335,6 +335,7 @@ class Store:
                       key=lambda m: (m.name, _version_key(m.version), m.created))
 
     def __contains__(self, handle: object) -> bool:
+        """Whether a store handle names an indexed module (no check of its files)."""
         try:
             self._find(_store_handle(handle, "contains"))  # type: ignore[arg-type]
         except (ModuleNotFound, HandleError):
