@@ -189,3 +189,9 @@ def test_sigkill_during_save_never_leaves_a_half_module(tmp_path, delay):
     else:
         assert not (tmp_path / "out").exists() or all(
             p.name.startswith(".killed.partial-") for p in (tmp_path / "out").iterdir())
+
+
+def test_text_that_merely_looks_like_an_opcode_is_accepted(tiny_cnn, images, tmp_path):
+    graft.save(tiny_cnn, tmp_path / "m", name="t", version="1", example_inputs=(images,),
+               assets={"labels.txt": "cat\ndog\nother\n"})
+    assert graft.load(tmp_path / "m").asset_path("labels.txt").read_text() == "cat\ndog\nother\n"

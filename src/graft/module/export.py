@@ -353,7 +353,7 @@ def _write_module(model: nn.Module, directory: Path, *, name: str, version: str,
         for asset_name, content in assets.items():
             rel = check_relative_path(f"assets/{asset_name}")
             data = _asset_bytes(asset_name, content)
-            files.refuse_code_or_pickle(rel, data[:64])
+            files.refuse_code_or_pickle(rel, data[: files.SNIFF_BYTES])
             written[rel] = put(rel, data)
 
         tensors = {k: TensorEntry(kinds[k], dtype_name(v.dtype), tuple(v.shape), tensor_sha256(v))
