@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from graft.errors import FormatError, PathExists, SignatureError
 from graft.module import files
@@ -95,6 +96,7 @@ def save(
     model_card: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     store: Any = None,
+    progress: bool = False,
 ) -> SavedModule:
     """Export ``model`` as a code-free module.
 
@@ -106,6 +108,8 @@ def save(
     Each signature is exported twice (``eval`` and ``train`` variants) over the same
     parameter names, checked to reproduce the eager model exactly, and stored with reference
     inputs and outputs. Writing is atomic: an interrupted save leaves no module behind.
+
+    ``progress=True`` shows a progress bar over the signatures being exported.
 
     Returns:
         The module's name, version, digest and directory.
@@ -149,7 +153,8 @@ def save(
         return _write_module(model, directory, name=name, version=version, specs=specs,
                              default=default, description=description, license=license,
                              parents=parent_entries, trainable=trainable, assets=assets or {},
-                             model_card=model_card, metadata=metadata or {})
+                             model_card=model_card, metadata=metadata or {},
+                             progress=progress)
 
     if handle.kind == "store":
         from graft.hub.store import Store
@@ -308,12 +313,19 @@ def _write_module(model: nn.Module, directory: Path, *, name: str, version: str,
                   specs: dict[str, Signature], default: str, description: str, license: str,
                   parents: tuple[Parent, ...], trainable: bool,
                   assets: Mapping[str, Any], model_card: str | None,
-                  metadata: Mapping[str, Any]) -> Manifest:
+                  metadata: Mapping[str, Any], progress: bool) -> Manifest:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
     state, kinds = _state(model)
-    exported = {key: _export_signature(model, key, sig, state) for key, sig in specs.items()}
+    steps = tqdm(total=len(specs), desc=f"exporting {name}", unit="signature",
+                 disable=not progress, leave=False)
+    exported = {}
+    with steps:
+        for key, sig in specs.items():
+            steps.set_postfix_str(key)
+            exported[key] = _export_signature(model, key, sig, state)
+            steps.update()
 
     written: dict[str, Path] = {}
     with files.writer(directory) as put:

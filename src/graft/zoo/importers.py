@@ -47,7 +47,7 @@ def _efficientnet_lite0(store: Any) -> Any:
     example = (torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
     images = {"images": "float32[batch,3,224,224]"}
     return graft.save(
-        model, f"efficientnet-lite0@{VERSION}", store=store,
+        model, f"efficientnet-lite0@{VERSION}", store=store, progress=True,
         description="EfficientNet-Lite0 image classifier trained on ImageNet-1k (4.65 M "
                     "parameters): 1000-class logits, and the 1280-d pooled features for "
                     "transfer learning.",
@@ -108,7 +108,7 @@ def _minilm_l6(store: Any) -> Any:
     text = graft.TextPreprocess("assets/tokenizer.json", max_length=minilm.MAX_SEQ_LENGTH)
     tokens = {"input_ids": "int64[batch,seq]", "attention_mask": "int64[batch,seq]"}
     return graft.save(
-        model, f"minilm-l6@{VERSION}", store=store,
+        model, f"minilm-l6@{VERSION}", store=store, progress=True,
         description="all-MiniLM-L6-v2 sentence encoder: 384-d normalised sentence embeddings "
                     "for semantic similarity, search and clustering (22.7 M parameters).",
         license="Apache-2.0",

