@@ -38,8 +38,10 @@ __all__ = [
     "UnsafeContentError",
     "VersionConflict",
     "__version__",
+    "data",
     "errors",
     "load",
+    "losses",
     "save",
 ]
 
@@ -58,7 +60,13 @@ _LAZY = {
 }
 
 
+# Submodules reachable as attributes (graft.losses, graft.data) without an explicit import.
+_SUBMODULES = {"data", "losses"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"graft.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
