@@ -12,7 +12,10 @@ from tests.conftest import env_with_src
 
 PACKAGES = ["graft", "graft.errors", "graft.module.spec", "graft.module.manifest",
             "graft.module.export", "graft.module.load", "graft.module.runtime",
-            "graft.hub.handles", "graft.hub.store", "graft.train.losses"]
+            "graft.hub.handles", "graft.hub.store", "graft.train.losses", "graft.train.data",
+            "graft.train.feature_cache", "graft.train.estimator", "graft.train.specs",
+            "graft.train.checkpoint", "graft.train.metrics", "graft.distribute.strategy",
+            "graft.train", "graft.distribute", "graft.data", "graft.losses", "graft.zoo"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

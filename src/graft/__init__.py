@@ -23,6 +23,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BoundSignature",
+    "EarlyStopping",
+    "Estimator",
+    "EvalSpec",
     "FormatError",
     "GraftError",
     "ImagePreprocess",
@@ -35,18 +38,26 @@ __all__ = [
     "Store",
     "TensorSpec",
     "TextPreprocess",
+    "TrainSpec",
     "UnsafeContentError",
     "VersionConflict",
     "__version__",
     "data",
+    "distribute",
     "errors",
     "load",
     "losses",
     "save",
+    "train_and_evaluate",
 ]
 
 # Public name -> the module that defines it, imported on first access.
 _LAZY = {
+    "EarlyStopping": "graft.train.specs",
+    "Estimator": "graft.train.estimator",
+    "EvalSpec": "graft.train.specs",
+    "TrainSpec": "graft.train.specs",
+    "train_and_evaluate": "graft.train.estimator",
     "BoundSignature": "graft.module.runtime",
     "ImagePreprocess": "graft.module.spec",
     "Module": "graft.module.runtime",
@@ -61,7 +72,7 @@ _LAZY = {
 
 
 # Submodules reachable as attributes (graft.losses, graft.data) without an explicit import.
-_SUBMODULES = {"data", "losses"}
+_SUBMODULES = {"data", "distribute", "losses"}
 
 
 def __getattr__(name: str) -> Any:
