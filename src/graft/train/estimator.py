@@ -435,7 +435,11 @@ class Estimator:
                               batch=int(fields["batch"] or 0),
                               **{k: fields[k] for k in ("examples", "batch_size", "seed",
                                                         "world_size")})
-        self._pending_rng = ckpt.rng
+        rng = ckpt.rng
+        workers = rng.get("workers") if isinstance(rng, dict) else None
+        if workers and self.strategy.rank < len(workers):
+            rng = workers[self.strategy.rank]  # this worker's own random stream
+        self._pending_rng = rng
         self._last_saved = ckpt.step
         self._purge_step = ckpt.step + 1
 
@@ -443,6 +447,9 @@ class Estimator:
         """Checkpoint the current step (chief writes, everyone waits)."""
         if self._manager is None or self._pos.step in (0, self._last_saved):
             return
+        rng = capture_rng(self.device)
+        if self.strategy.world_size > 1:  # every worker's, so each resumes its own stream
+            rng = {**rng, "workers": self.strategy.gather_states(rng)}
         if self.strategy.is_chief:
             data = {k: v for k, v in asdict(self._pos).items() if k != "step"}
             path = self._manager.save(
@@ -450,7 +457,7 @@ class Estimator:
                 model=self.model.state_dict(),
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
-                rng=capture_rng(self.device),
+                rng=rng,
                 data=data,
             )
             _log.info("checkpoint %d saved to %s", self._pos.step, path)
@@ -601,6 +608,12 @@ class Estimator:
             raise DataError(f"train data has {size} examples, fewer than one batch of "
                             f"batch_size={batch_size}; lower batch_size to at most {size}")
         self._restore_if_needed()
+        if self.strategy.world_size > 1:
+            steps = self.strategy.gather_states(self._pos.step)
+            if len(set(steps)) > 1:
+                raise TrainingError(f"the workers resumed from different checkpoints (steps "
+                                    f"{steps} by rank): model_dir={self.model_dir} must be "
+                                    "one directory that every node shares")
         if self._pos.step >= max_steps:
             _log.info("already at step %d >= max_steps=%d; nothing to train",
                      self._pos.step, max_steps)
@@ -611,7 +624,8 @@ class Estimator:
             restore_rng(self._pending_rng, self.device)
             self._pending_rng = None
         elif self._pos.step == 0:
-            _seed_everything(seed)
+            rank = self.strategy.rank  # each worker its own dropout stream; rank 0 the usual
+            _seed_everything(seed if rank == 0 else _seed_for(seed, rank))
 
         pos = self._pos
         sampler = _TrainBatches(size=size, seed=seed, shard=self.strategy.shard,
@@ -697,7 +711,8 @@ class Estimator:
 
         Args:
             data: A map-style dataset of ``(inputs, label)`` pairs or a callable returning one.
-            batch_size: Examples per batch across all workers (the last batch may be short).
+            batch_size: Examples per batch across all workers (the last batch may be short);
+                each worker's batch is ``ceil(batch_size / workers)``.
 
         Returns:
             ``{"loss": mean loss over examples, "examples": n, "step": training step,
@@ -710,11 +725,12 @@ class Estimator:
         """
         _check_int("batch_size", batch_size, 1, "Use e.g. batch_size=64.")
         dataset = _resolve_data(data, "evaluation")
-        per_worker = self.strategy.per_worker_batch(batch_size)
+        per_worker = math.ceil(batch_size / self.strategy.world_size)
         if len(dataset) < self.strategy.world_size:
             raise DataError(f"evaluation data has {len(dataset)} examples, fewer than the "
                             f"{self.strategy.world_size} workers; every worker needs one")
         self._restore_if_needed()
+        self.strategy.broadcast_buffers(self.model)
         shard = self.strategy.shard(list(range(len(dataset))))
         loader = self._loader(dataset, BatchSampler(shard, per_worker, drop_last=False), 0)
         counts = ClassificationMetrics(self.metrics)

@@ -325,9 +325,9 @@ class FeatureCache:
                  expected: int) -> torch.Tensor:
         with torch.no_grad():
             if isinstance(inputs, dict):
-                out = module.call(name, **{k: v.to(device) for k, v in inputs.items()})
+                out = module.signature(name)(**{k: v.to(device) for k, v in inputs.items()})
             else:
-                out = module.call(name, inputs.to(device))
+                out = module.signature(name)(inputs.to(device))
         if isinstance(out, dict):
             out = out[output]
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != expected:
