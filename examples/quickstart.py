@@ -6,6 +6,9 @@
    module composed from EfficientNet-Lite0's ImageNet head without any training.
 3. Rank sentences by similarity with MiniLM-L6.
 4. Reload `cat-dog-other` by its handle in a fresh process: same answers.
+5. Transfer learning with 10 labels per class on scikit-learn's digits: a small CNN from
+   scratch vs EfficientNet-Lite0 frozen + head vs fine-tuned end to end; the best is exported
+   and reloaded by handle (examples/transfer_digits.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from graft.cli import main as graft_cli
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cat_dog_other  # noqa: E402
+import transfer_digits  # noqa: E402
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket"]
 
@@ -96,6 +100,9 @@ def main() -> None:
                            check=True).stdout.splitlines()
     print("\n".join(fresh))
     print("same answers as above:", "yes" if fresh == answers else "NO")
+
+    heading("5. transfer learning on handwritten digits with 10 labels per class")
+    transfer_digits.main()
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
     if fresh != answers:
         sys.exit(1)

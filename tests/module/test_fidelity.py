@@ -159,3 +159,12 @@ def test_size_guards_become_checked_dimension_bounds(images, tmp_path):
         loaded(torch.zeros(2, 5, dtype=torch.int64))
     with pytest.raises(graft.SignatureError, match="truncate the input to 10"):
         loaded(torch.zeros(4, 11, dtype=torch.int64))
+
+
+def test_a_batch_of_one_example_still_exports_a_dynamic_batch(tiny_cnn, tmp_path):
+    graft.save(tiny_cnn, tmp_path / "m", name="m", version="1",
+               example_inputs=(torch.randn(1, 3, 16, 16),))
+    loaded = graft.load(tmp_path / "m")
+    tiny_cnn.eval()
+    x = torch.randn(5, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), tiny_cnn(x), rtol=0, atol=0)

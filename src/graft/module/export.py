@@ -416,6 +416,7 @@ def _export_signature(model: nn.Module, key: str, sig: Signature,
     from torch.export import Dim, export
 
     specs, examples = _input_specs(model, key, sig)
+    examples = _widen_examples(specs, examples)
     modes = {name: m.training for name, m in model.named_modules()}
     rng = torch.get_rng_state()
     try:
@@ -460,6 +461,22 @@ def _export_signature(model: nn.Module, key: str, sig: Signature,
         torch.set_rng_state(rng)
     _check_round_trip(key, programs["eval"], constants["eval"], state, examples, reference)
     return _Exported(specs, outputs, programs, constants, examples, reference, bounds)
+
+
+def _widen_examples(specs: dict[str, TensorSpec],
+                    examples: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Repeat examples along named dimensions of size 1.
+
+    torch.export specialises a dimension it sees at size 0 or 1, so a batch of one example
+    could never become a dynamic ``batch``.
+    """
+    widened = []
+    for spec, example in zip(specs.values(), examples):
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str) and example.shape[axis] == 1:
+                example = torch.cat([example, example], dim=axis)
+        widened.append(example)
+    return tuple(widened)
 
 
 def _user_input_nodes(ep: Any) -> list[Any]:
