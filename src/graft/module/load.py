@@ -43,7 +43,7 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
         directory = Path(stored.path)
         manifest = Manifest.read(directory)
         # The store verified every byte when the module entered it; resolve() re-checked sizes.
-        check_module(directory, manifest, hash_contents=False)
+        check_module(directory, manifest, hash_contents=False, check_files=False)
     elif parsed.kind == "path":
         directory = Path(parsed.path).expanduser()
         manifest = Manifest.read(directory)
@@ -57,15 +57,25 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
                   trainable=manifest.fine_tuning.trainable if trainable is None else trainable)
 
 
-def check_module(directory: Path, manifest: Manifest, *, hash_contents: bool) -> None:
-    """Check every file's presence, size (and sha256) and refuse code or pickles."""
-    manifest.verify_files(directory, hash_contents=hash_contents)
+def check_module(directory: Path, manifest: Manifest, *, hash_contents: bool,
+                 check_files: bool = True) -> None:
+    """Check every file's presence, size (and sha256) and refuse code or pickles.
+
+    Args:
+        hash_contents: Also compare every file's sha256 with the manifest.
+        check_files: ``False`` when the caller (the store) has just checked presence and sizes.
+    """
+    if check_files:
+        manifest.verify_files(directory, hash_contents=hash_contents)
     root = Path(directory).resolve()
     for rel in manifest.files:
         if rel.endswith(".safetensors"):
             continue  # read by safetensors alone, which never unpickles
+        # Programs are parsed as strict JSON, which no pickle passes; their first bytes are
+        # still checked so that a pickle is named as such. Assets get the full check.
+        size = 64 if rel.startswith("programs/") and rel.endswith(".json") else SNIFF_BYTES
         with open(resolve_inside(root, rel), "rb") as f:
-            refuse_code_or_pickle(rel, f.read(SNIFF_BYTES))
+            refuse_code_or_pickle(rel, f.read(size))
     if "weights.safetensors" not in manifest.files:
         raise FormatError(f"module {manifest.name} has no weights.safetensors")
 

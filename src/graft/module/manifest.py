@@ -309,15 +309,16 @@ class Manifest:
 
 
 def resolve_inside(root: Path, rel: str) -> Path:
-    """The path of ``rel`` inside ``root``, refusing links and escapes."""
+    """The path of ``rel`` inside ``root``, refusing links and escapes.
+
+    ``rel`` has no ``..``, is relative, and no component below ``root`` is a symbolic link,
+    so the path cannot leave ``root``.
+    """
     check_relative_path(rel)
-    path = root / rel
-    probe = root
-    for part in PurePosixPath(rel).parts:
-        probe = probe / part
-        if probe.is_symlink():
+    probe = str(root)
+    for part in rel.split("/"):
+        probe = os.path.join(probe, part)
+        if os.path.islink(probe):
             raise UnsafeContentError(f"{rel} in the module is (or passes through) a symbolic "
                                      "link; modules may not contain links")
-    if not path.resolve().is_relative_to(root):
-        raise UnsafeContentError(f"{rel} resolves outside the module folder")
-    return path
+    return Path(probe)
