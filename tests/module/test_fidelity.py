@@ -168,3 +168,23 @@ def test_a_batch_of_one_example_still_exports_a_dynamic_batch(tiny_cnn, tmp_path
     tiny_cnn.eval()
     x = torch.randn(5, 3, 16, 16)
     torch.testing.assert_close(loaded(x), tiny_cnn(x), rtol=0, atol=0)
+
+
+def test_tensors_a_program_creates_follow_the_module_device(tmp_path):
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            positions = torch.arange(x.shape[1], device=x.device, dtype=x.dtype)  # (T,)
+            return x * self.scale + positions
+
+    graft.save(Positions(), tmp_path / "p", name="p", version="1",
+               signatures={"forward": graft.Signature(inputs={"x": "float32[batch,seq]"})})
+    loaded = graft.load(tmp_path / "p")
+    assert '{"device":"cpu"}' in (tmp_path / "p/programs/forward.eval.json").read_text()
+    torch.testing.assert_close(loaded(torch.zeros(2, 3)), torch.arange(3.0).expand(2, 3))
+    loaded.to("meta")  # stands in for a GPU here: the program must not create CPU tensors
+    out = loaded(torch.zeros(2, 3, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 3)

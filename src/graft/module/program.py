@@ -119,11 +119,12 @@ def _encode(value: Any, node: str, names: Mapping[str, str] | None = None) -> An
                       f"({value!r}) that {GRAPH_FORMAT} cannot store")
 
 
-def _decode(value: Any, nodes: Mapping[str, torch.fx.Node]) -> Any:
+def _decode(value: Any, nodes: Mapping[str, torch.fx.Node],
+            device: torch.device | None = None) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
-        return [_decode(v, nodes) for v in value]
+        return [_decode(v, nodes, device) for v in value]
     if isinstance(value, dict) and len(value) == 1:
         ((tag, body),) = value.items()
         if tag == "ref":
@@ -135,13 +136,15 @@ def _decode(value: Any, nodes: Mapping[str, torch.fx.Node]) -> Any:
         if tag == "dtype" and isinstance(getattr(torch, str(body), None), torch.dtype):
             return getattr(torch, body)
         if tag == "device" and body in ("cpu", "cuda", "mps", "meta"):
-            return torch.device(body)
+            # Tensors a program creates go where the module's weights are, not where the
+            # author happened to export it.
+            return device if device is not None else torch.device(body)
         if tag == "layout" and body in _LAYOUTS:
             return _LAYOUTS[body]
         if tag == "memory_format" and body in _MEMORY_FORMATS:
             return _MEMORY_FORMATS[body]
         if tag == "slice" and isinstance(body, list) and len(body) == 3:
-            return slice(*(_decode(v, nodes) for v in body))
+            return slice(*(_decode(v, nodes, device) for v in body))
     raise FormatError(f"program argument {value!r} is not a valid {GRAPH_FORMAT} value")
 
 
@@ -248,8 +251,14 @@ class Program:
         return outputs
 
 
-def program_from_json(data: Any, *, name: str = "program") -> Program:
-    """Build a runnable ``Program`` from ``graft.graph/1`` JSON (parsed or bytes)."""
+def program_from_json(data: Any, *, name: str = "program",
+                      device: torch.device | None = None) -> Program:
+    """Build a runnable ``Program`` from ``graft.graph/1`` JSON (parsed or bytes).
+
+    Args:
+        device: Where tensors the graph creates (``arange``, ``zeros``...) are placed;
+            ``None``: the device recorded at export.
+    """
     if isinstance(data, (bytes, str)):
         try:
             data = json.loads(data)
@@ -278,8 +287,9 @@ def program_from_json(data: Any, *, name: str = "program") -> Program:
                 raise FormatError(f"program {name} defines {entry['name']!r} twice")
             target = _resolve_target(entry["target"])
             node = graph.create_node("call_function", target,
-                                     tuple(_decode(entry["args"], env)),
-                                     {k: _decode(v, env) for k, v in entry["kwargs"].items()},
+                                     tuple(_decode(entry["args"], env, device)),
+                                     {k: _decode(v, env, device)
+                                      for k, v in entry["kwargs"].items()},
                                      name=entry["name"])
             env[entry["name"]] = node
         outputs = []
@@ -287,7 +297,7 @@ def program_from_json(data: Any, *, name: str = "program") -> Program:
         for entry in data["outputs"]:
             if entry["kind"] not in ("output", "buffer_mutation"):
                 raise FormatError(f"program {name} output kind {entry['kind']!r} is unknown")
-            outputs.append(_decode(entry["value"], env))
+            outputs.append(_decode(entry["value"], env, device))
             out_bindings.append(Binding(entry["kind"], entry.get("target")))
         graph.output(tuple(outputs))
     except (KeyError, TypeError, AttributeError) as exc:

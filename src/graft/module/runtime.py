@@ -178,7 +178,7 @@ class Module(nn.Module):
             else:  # pragma: no cover - the manifest parser admits no other kind
                 raise FormatError(f"unknown preprocessing {spec.preprocess!r}")
             self._preprocessors[name] = fn
-        device = next(iter(self._state().values()), torch.empty(0)).device
+        device = self._device()
         return {k: v.to(device) for k, v in fn(data).items()}
 
     # -- programs and state ----------------------------------------------------------------
@@ -188,19 +188,24 @@ class Module(nn.Module):
         state.update(self.weights.named_buffers())
         return state
 
+    def _device(self) -> torch.device:
+        """Where the module's weights are (CPU for a module without any)."""
+        return next(iter(self._state().values()), torch.empty(0)).device
+
     def _program(self, name: str, variant: str) -> tuple[Program, dict[str, torch.Tensor]]:
         key = (name, variant)
         if key not in self._programs:
             rel = self.manifest.signatures[name].programs[variant]
             path = resolve_inside(self.directory.resolve(), rel)
-            program = program_from_json(path.read_bytes(), name=f"{self.name}.{name}.{variant}")
+            device = self._device()
+            program = program_from_json(path.read_bytes(), name=f"{self.name}.{name}.{variant}",
+                                        device=device)
             constants: dict[str, torch.Tensor] = {}
             const_rel = rel.removesuffix(".json") + ".constants.safetensors"
             if const_rel in self.manifest.files:
                 from graft.module.load import read_safetensors
 
                 constants = read_safetensors(resolve_inside(self.directory.resolve(), const_rel))
-            device = next(iter(self._state().values()), torch.empty(0)).device
             constants = {k: v.to(device) for k, v in constants.items()}
             self._programs[key] = (program, constants)
         return self._programs[key]
