@@ -47,8 +47,9 @@ from graft.errors import (
     StoreError,
     VersionConflict,
 )
+from graft._sqlite import transaction
 from graft.hub.handles import Handle, parse_handle
-from graft.module.manifest import MANIFEST_NAME, FileEntry, Manifest, Parent
+from graft.module.manifest import MANIFEST_NAME, FileEntry, Manifest, Parent, sha256_file
 from graft.settings import graft_home
 
 try:
@@ -261,7 +262,7 @@ class Store:
         self._find(wanted, exact=True)  # fail before creating anything
         with self._writer() as conn:
             stored = self._find(wanted, exact=True, conn=conn)
-            with _transaction(conn):
+            with transaction(conn):
                 conn.execute("DELETE FROM files WHERE module = ?", (stored.digest,))
                 conn.execute("DELETE FROM modules WHERE digest = ?", (stored.digest,))
             if stored.path.exists():
@@ -517,7 +518,7 @@ class Store:
             if repairing is not None:
                 return repairing
             created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-            with _transaction(conn):
+            with transaction(conn):
                 _insert_rows(conn, manifest, created)
             return StoredModule(name=manifest.name, version=manifest.version,
                                 digest=manifest.digest, path=target, created=created,
@@ -539,7 +540,7 @@ class Store:
             size = blob.stat().st_size
         except FileNotFoundError:
             size = None
-        if size == entry.size and _sha256(blob) == entry.sha256:
+        if size == entry.size and sha256_file(blob) == entry.sha256:
             return False
         blob.parent.mkdir(parents=True, exist_ok=True)
         part = work / f"{entry.sha256}.part"
@@ -637,27 +638,10 @@ def _insert_rows(conn: sqlite3.Connection, manifest: Manifest, created: str) -> 
                       for rel, e in manifest.files.items()])
 
 
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
 
 def _fetch_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> Any:
     return conn.execute(sql, params).fetchone()
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _copy_checked(source: Path, dest: Path, rel: str, entry: FileEntry) -> None:

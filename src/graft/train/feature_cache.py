@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from graft._sqlite import transaction
 from graft.errors import DataError, StoreError, TrainingError
 from graft.train.data import (
     classes_of,
@@ -255,7 +256,7 @@ class FeatureCache:
             return None
 
     def _drop_shard(self, sha: str, reason: str) -> None:
-        with self._db() as conn, _transaction(conn):
+        with self._db() as conn, transaction(conn):
             dropped = conn.execute("DELETE FROM entries WHERE shard=?", (sha,)).rowcount
             conn.execute("DELETE FROM shards WHERE sha256=?", (sha,))
         with contextlib.suppress(FileNotFoundError):
@@ -351,7 +352,7 @@ class FeatureCache:
         if not path.exists():
             _write_atomic(self.directory / "tmp", path, data)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        with self._db() as conn, _transaction(conn):
+        with self._db() as conn, transaction(conn):
             conn.execute("INSERT OR IGNORE INTO shards (sha256, rows, created) VALUES (?, ?, ?)",
                          (sha, len(contents), created))
             conn.executemany("INSERT OR REPLACE INTO entries (module, signature, output, dtype, "
@@ -418,23 +419,13 @@ class FeatureCache:
                 continue
             if meta.get("format") != _FORMAT:
                 continue
-            with self._db() as conn, _transaction(conn):
+            with self._db() as conn, transaction(conn):
                 conn.execute("INSERT OR IGNORE INTO shards (sha256, rows, created) "
                              "VALUES (?, ?, ?)", (sha, len(contents), "rebuilt"))
                 conn.executemany("INSERT OR IGNORE INTO entries (module, signature, output, "
                                  "dtype, content, shard, row) VALUES (?, ?, ?, ?, ?, ?, ?)",
                                  [(*where, key, sha, row) for row, key in enumerate(contents)])
 
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def _write_atomic(tmp_dir: Path, dest: Path, data: bytes) -> None:
