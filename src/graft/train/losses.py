@@ -327,16 +327,27 @@ def sparse_softmax_cross_entropy(
         )
     num_classes = logits.shape[-1]
     keep = labels != ignore_index
-    bad = keep & ((labels < 0) | (labels >= num_classes))
-    # One host sync: an out-of-range index would otherwise crash gather (or
-    # trip a device-side assert on CUDA) with no hint at the cause.
-    if bool(bad.any()):
-        first = labels[bad].flatten()[0].item()
-        raise DataError(
-            f"{fn}: input 'labels' holds class {first}, outside [0, {num_classes}) "
-            f"for logits with {num_classes} classes (ignore_index={ignore_index}). "
-            f"Fix the labels or pass the matching ignore_index."
-        )
+    fast = weights is None and logits.dim() == 2 and logits.dtype in (torch.float32,
+                                                                      torch.float64)
+    if not fast or logits.device.type != "cpu":
+        # One host sync: an out-of-range index would otherwise crash gather (or trip a
+        # device-side assert on CUDA) with no hint at the cause.
+        _check_label_range(labels, keep, num_classes, ignore_index, fn)
+    if fast:
+        # The common case, through torch's fused kernel: the same log-softmax and gather,
+        # several times faster per step for small heads. On CPU it reports an out-of-range
+        # class itself, which is turned into the same clear error.
+        try:
+            loss = torch.nn.functional.cross_entropy(
+                logits, labels.long(), ignore_index=ignore_index,
+                reduction="none" if reduction == "none" else "sum",
+                label_smoothing=label_smoothing)
+        except (RuntimeError, IndexError):
+            _check_label_range(labels, keep, num_classes, ignore_index, fn)
+            raise
+        if reduction == "mean":
+            loss = loss / keep.sum().clamp(min=1).to(loss.dtype)
+        return loss
     dtype = _compute_dtype(logits)
     logp = torch.log_softmax(logits.to(dtype), dim=-1)
     index = torch.where(keep, labels, torch.zeros_like(labels)).long()
@@ -345,6 +356,18 @@ def sparse_softmax_cross_entropy(
         nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)
     w = _as_weights(weights, batch_shape, dtype, logits.device, fn)
     return _reduce(nll, w, reduction, mask=keep)
+
+
+def _check_label_range(labels: torch.Tensor, keep: torch.Tensor, num_classes: int,
+                       ignore_index: int, fn: str) -> None:
+    bad = keep & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        first = labels[bad].flatten()[0].item()
+        raise DataError(
+            f"{fn}: input 'labels' holds class {first}, outside [0, {num_classes}) "
+            f"for logits with {num_classes} classes (ignore_index={ignore_index}). "
+            f"Fix the labels or pass the matching ignore_index."
+        )
 
 
 def sigmoid_cross_entropy(
