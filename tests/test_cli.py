@@ -87,7 +87,7 @@ def test_verify_detects_tampering(module_dir):
 
 
 @pytest.mark.parametrize("command", ["list", "inspect", "verify", "run", "add", "rm", "gc",
-                                     "import"])
+                                     "import", "finetune", "launch"])
 def test_every_command_has_help(command):
     out = graft_cli(command, "--help")
     assert out.returncode == 0 and "usage: graft" in out.stdout

@@ -14,7 +14,8 @@ PACKAGES = ["graft", "graft.errors", "graft.module.spec", "graft.module.manifest
             "graft.module.export", "graft.module.load", "graft.module.runtime",
             "graft.hub.handles", "graft.hub.store", "graft.train.losses", "graft.train.data",
             "graft.train.feature_cache", "graft.train.estimator", "graft.train.specs",
-            "graft.train.checkpoint", "graft.train.metrics", "graft.train.premade", "graft.distribute.strategy",
+            "graft.train.checkpoint", "graft.train.metrics", "graft.train.premade", "graft.distribute.strategy", "graft.distribute.data_parallel",
+            "graft.distribute.launch", "graft.distribute.batch_norm", "graft.settings",
             "graft.train", "graft.distribute", "graft.data", "graft.losses", "graft.zoo"]
 
 

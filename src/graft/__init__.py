@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BoundSignature",
+    "DataParallel",
     "EarlyStopping",
     "Estimator",
     "EvalSpec",
@@ -33,6 +34,7 @@ __all__ = [
     "IntegrityError",
     "Module",
     "ModuleNotFound",
+    "OneDevice",
     "SavedModule",
     "Signature",
     "SignatureError",
@@ -55,6 +57,8 @@ __all__ = [
 
 # Public name -> the module that defines it, imported on first access.
 _LAZY = {
+    "DataParallel": "graft.distribute.data_parallel",
+    "OneDevice": "graft.distribute.strategy",
     "EarlyStopping": "graft.train.specs",
     "Estimator": "graft.train.estimator",
     "EvalSpec": "graft.train.specs",

@@ -288,8 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--local-addr", default=None, metavar="ADDR", help="this node's address "
                    "as other nodes reach it (default: 127.0.0.1 on one node, else the host "
                    "name)")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="after --: script.py args, "
-                   "graft SUBCOMMAND args, -m module args, or an executable")
+    p.add_argument("training_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="script.py args, graft SUBCOMMAND args, -m module args, or an "
+                   "executable")
     return parser
 
 

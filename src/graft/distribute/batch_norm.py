@@ -15,6 +15,7 @@ norm: an exported module runs in one process and must not wait for other workers
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,8 +66,6 @@ class SyncBatchNorm(_BatchNorm):
         return dist.get_world_size(self.process_group or dist.group.WORLD)
 
     def _synchronised(self, input: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_reduce
-
         self._check_input_dim(input)
         group = self.process_group or dist.group.WORLD
         dims = [0, *range(2, input.dim())]
@@ -87,9 +86,9 @@ class SyncBatchNorm(_BatchNorm):
                       else self.momentum)
         # The gradient of an all-reduced sum is the all-reduced gradient: autograd through
         # these two sums gives exactly the gradient of the loss summed over workers.
-        mean = all_reduce(input.sum(dims), group=group) / n  # (C,)
+        mean = _AllReduceSum.apply(input.sum(dims), group) / n  # (C,)
         centered = input - mean.reshape(shape)
-        var = all_reduce((centered * centered).sum(dims), group=group) / n  # (C,), biased
+        var = _AllReduceSum.apply((centered * centered).sum(dims), group) / n  # (C,), biased
         out = centered * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
@@ -99,6 +98,23 @@ class SyncBatchNorm(_BatchNorm):
                 unbiased = var.detach() * (n / (n - 1))
                 self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
         return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over workers, differentiable: its gradient is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
 
 
 def convert_sync_batch_norm(model: nn.Module, process_group: object = None) -> int:

@@ -21,7 +21,6 @@ Failures end in seconds, not after torch's default 30-minute collective timeout:
 
 from __future__ import annotations
 
-import atexit
 import base64
 import datetime
 import json
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from graft.distribute.strategy import Strategy
+from graft.settings import CHIEF_TIMEOUT, COLLECTIVE_TIMEOUT, chief_timeout, collective_timeout
 
 __all__ = [
     "CHIEF_TIMEOUT",
@@ -43,38 +43,8 @@ __all__ = [
     "collective_timeout",
 ]
 
-COLLECTIVE_TIMEOUT = 60.0
-"""Default seconds a collective waits for a worker that stops answering."""
-
-CHIEF_TIMEOUT = 600.0
-"""Default seconds the other workers wait while the chief writes a checkpoint or exports."""
 
 _BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
-
-
-def collective_timeout() -> float:
-    """Seconds before a stalled collective fails: ``$GRAFT_COLLECTIVE_TIMEOUT``, default 60."""
-    return _seconds("GRAFT_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT)
-
-
-def chief_timeout() -> float:
-    """Seconds the other workers wait for the chief's checkpoint writes and exports:
-    ``$GRAFT_CHIEF_TIMEOUT``, default 600."""
-    return _seconds("GRAFT_CHIEF_TIMEOUT", CHIEF_TIMEOUT)
-
-
-def _seconds(variable: str, default: float) -> float:
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"${variable}={text!r} must be a positive number of seconds, e.g. "
-                         f"{variable}={default:g}")
-    return value
 
 
 def _check_seconds(name: str, value: float | None) -> float | None:
@@ -231,7 +201,6 @@ class DataParallel(Strategy):
                 dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1,
                                         **options)
             self._owns_group = True
-            atexit.register(self.teardown)
         if dist.get_world_size() > 1:
             # Barriers around chief-only writes run on their own CPU group, whose timeout
             # (chief_timeout) may be longer than that of training collectives.

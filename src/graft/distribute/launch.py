@@ -52,7 +52,7 @@ _PYTHONS = {"python", "python3", Path(sys.executable).name}
 
 def run_from_args(args: argparse.Namespace) -> None:
     """Run ``graft launch`` from the options ``graft.cli`` parsed."""
-    launch(args.command, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
+    launch(args.training_command, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
            node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
            max_restarts=args.max_restarts, collective_timeout=args.collective_timeout,
            local_addr=args.local_addr)
@@ -90,12 +90,17 @@ def launch(command: Sequence[str], *, nproc_per_node: int | str = 1, nnodes: int
     argv = torchrun_args(command, nproc_per_node=nproc_per_node, nnodes=nnodes,
                          node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
                          max_restarts=max_restarts, local_addr=local_addr)
-    env = {}
+    # A fresh store for every attempt: with torch's default (the agent shares its rendezvous
+    # store with the workers), keys that one attempt's process groups wrote are still there
+    # when the next attempt reads them, and restarted workers dial addresses of the dead
+    # ones (pytorch/pytorch#135712).
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE":
+           os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")}
     if collective_timeout is not None:
         if isinstance(collective_timeout, bool) or not isinstance(collective_timeout,
                                                                   (int, float)) \
                 or not 0 < collective_timeout < float("inf"):
-            raise ValueError(f"collective_timeout={collective_timeout!r}: expected a "
+            raise ValueError(f"--collective-timeout {collective_timeout!r}: expected a "
                              "positive number of seconds, e.g. 60")
         env["GRAFT_COLLECTIVE_TIMEOUT"] = repr(float(collective_timeout))
 

@@ -258,7 +258,8 @@ class Estimator:
         model_dir: Where checkpoints and TensorBoard events go; training there again resumes
             from its latest checkpoint. ``None``: nothing is written.
         strategy: Devices and workers; default :func:`graft.distribute.default_strategy`
-            (one process, the GPU if there is one).
+            (``DataParallel`` in a process ``graft launch`` started, else one process on
+            the GPU if there is one).
         compile: ``True`` trains through ``torch.compile(model)``; a string picks the
             compile backend (``"inductor"``, ``"aot_eager"``). Evaluation runs eagerly.
         checkpoint_every: Save a checkpoint every this many steps (and at the end of each
