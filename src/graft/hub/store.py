@@ -218,7 +218,7 @@ class Store:
             row = _fetch_one(conn, "SELECT * FROM modules WHERE digest = ?", (manifest.digest,))
             if row is not None:
                 stored = self._stored(row)
-                if not self._damage(stored, hash_contents=True):
+                if self._damage(stored, hash_contents=True)[0] is None:
                     return stored
                 return self._install(source, manifest, conn, repairing=stored)
             clash = _fetch_one(conn, "SELECT * FROM modules WHERE name = ? AND version = ?",
@@ -314,9 +314,13 @@ class Store:
             ModuleNotFound: no such module is stored; the message lists what is.
             IntegrityError: the stored copy is damaged.
         """
+        return self.open(handle)[0]
+
+    def open(self, handle: str | Handle) -> tuple[StoredModule, Manifest]:
+        """Like :meth:`resolve`, and also return the manifest the check read (the loader
+        needs it, and reading it once is what keeps ``graft.load`` fast)."""
         stored = self._find(_store_handle(handle, "resolve"))
-        self._check(stored, hash_contents=False)
-        return stored
+        return stored, self._check(stored, hash_contents=False)
 
     def verify(self, handle: str | Handle) -> StoredModule:
         """Like :meth:`resolve`, but hash every file against the manifest.
@@ -417,22 +421,24 @@ class Store:
                               f"'{handle.name}@{found[-1].version}'")
         return found[-1]
 
-    def _damage(self, stored: StoredModule, *, hash_contents: bool) -> str | None:
-        """Why the stored tree does not match its index row, or None when it does."""
+    def _damage(self, stored: StoredModule, *,
+                hash_contents: bool) -> tuple[str | None, Manifest | None]:
+        """Why the stored tree does not match its index row (None when it does), and the
+        manifest read on the way."""
         try:
             manifest = Manifest.read(stored.path)
             if manifest.digest != stored.digest:
                 return (f"its {MANIFEST_NAME} has digest {manifest.digest}, but the index "
-                        f"records {stored.digest}")
+                        f"records {stored.digest}"), None
             manifest.verify_files(stored.path, hash_contents=hash_contents)
         except (FileNotFoundError, FormatError, IntegrityError, NotADirectoryError) as exc:
-            return str(exc)
-        return None
+            return str(exc), None
+        return None, manifest
 
-    def _check(self, stored: StoredModule, *, hash_contents: bool) -> None:
-        damage = self._damage(stored, hash_contents=hash_contents)
-        if damage is None:
-            return
+    def _check(self, stored: StoredModule, *, hash_contents: bool) -> Manifest:
+        damage, manifest = self._damage(stored, hash_contents=hash_contents)
+        if damage is None and manifest is not None:
+            return manifest
         if not self._read("SELECT 1 FROM modules WHERE digest = ?", (stored.digest,)):
             raise ModuleNotFound(f"{stored.handle} was removed from the local store at "
                                  f"{self.root} while being read; {_HOW_TO_ADD}")

@@ -39,9 +39,8 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
     if parsed.kind == "store":
         from graft.hub.store import Store
 
-        stored = (store or Store()).resolve(parsed)
+        stored, manifest = (store or Store()).open(parsed)
         directory = Path(stored.path)
-        manifest = Manifest.read(directory)
         # The store verified every byte when the module entered it; resolve() re-checked sizes.
         check_module(directory, manifest, hash_contents=False, check_files=False)
     elif parsed.kind == "path":
