@@ -195,3 +195,13 @@ def test_text_that_merely_looks_like_an_opcode_is_accepted(tiny_cnn, images, tmp
     graft.save(tiny_cnn, tmp_path / "m", name="t", version="1", example_inputs=(images,),
                assets={"labels.txt": "cat\ndog\nother\n"})
     assert graft.load(tmp_path / "m").asset_path("labels.txt").read_text() == "cat\ndog\nother\n"
+
+
+def test_the_store_refuses_a_pickle_asset_and_stores_nothing(module_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    _replace_file(module_dir, "assets/labels.txt", pickle.dumps(_Payload(marker)))
+    store = graft.Store()
+    with pytest.raises(UnsafeContentError, match="pickle"):
+        store.add(module_dir)
+    assert store.list() == [] and not marker.exists()
+    assert not [p for p in store.root.rglob("*") if p.is_file() and "blobs" in p.parts]

@@ -49,6 +49,7 @@ from graft.errors import (
 )
 from graft._sqlite import transaction
 from graft.hub.handles import Handle, parse_handle
+from graft.module.load import check_module
 from graft.module.manifest import MANIFEST_NAME, FileEntry, Manifest, Parent, sha256_file
 from graft.settings import graft_home
 
@@ -202,7 +203,8 @@ class Store:
         Raises:
             ModuleNotFound: ``directory`` is not a module directory.
             IntegrityError: a file is missing, truncated or altered.
-            UnsafeContentError: a listed file is a link or escapes the directory.
+            UnsafeContentError: a listed file is a link, escapes the directory, or is code or
+                a pickle.
             VersionConflict: another module is stored under the same name and version.
         """
         source = Path(directory).expanduser()
@@ -213,7 +215,9 @@ class Store:
         if MANIFEST_NAME in manifest.files:
             raise FormatError(f"{source / MANIFEST_NAME} lists {MANIFEST_NAME} among its own "
                               "files; the manifest cannot record its own digest")
-        manifest.verify_files(source, hash_contents=True)
+        # Every byte is checked, and code or pickles are refused, before anything is written:
+        # a module in the store needs neither check again when it is loaded.
+        check_module(source, manifest, hash_contents=True)
         with self._writer() as conn:
             row = _fetch_one(conn, "SELECT * FROM modules WHERE digest = ?", (manifest.digest,))
             if row is not None:

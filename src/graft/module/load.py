@@ -41,8 +41,8 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
 
         stored, manifest = (store or Store()).open(parsed)
         directory = Path(stored.path)
-        # The store verified every byte when the module entered it; resolve() re-checked sizes.
-        check_module(directory, manifest, hash_contents=False, check_files=False)
+        # The store checked every byte and refused code and pickles when the module entered
+        # it; open() re-checked that every file is there with its size (verify-on-read).
     elif parsed.kind == "path":
         directory = Path(parsed.path).expanduser()
         manifest = Manifest.read(directory)
@@ -56,16 +56,13 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
                   trainable=manifest.fine_tuning.trainable if trainable is None else trainable)
 
 
-def check_module(directory: Path, manifest: Manifest, *, hash_contents: bool,
-                 check_files: bool = True) -> None:
+def check_module(directory: Path, manifest: Manifest, *, hash_contents: bool) -> None:
     """Check every file's presence, size (and sha256) and refuse code or pickles.
 
     Args:
         hash_contents: Also compare every file's sha256 with the manifest.
-        check_files: ``False`` when the caller (the store) has just checked presence and sizes.
     """
-    if check_files:
-        manifest.verify_files(directory, hash_contents=hash_contents)
+    manifest.verify_files(directory, hash_contents=hash_contents)
     root = Path(directory).resolve()
     for rel in manifest.files:
         if rel.endswith(".safetensors"):
