@@ -102,9 +102,23 @@ def efficientnet(repeats: int) -> None:
         m.load_state_dict(torch.load(path, weights_only=True))
         return m.eval()
 
+    from safetensors.torch import load_file, save_file
+
+    from graft.zoo.efficientnet import EfficientNetLite0
+
+    weights = Path(tempfile.mkdtemp()) / "efficientnet-lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in source().state_dict().items()}, str(weights))
+
+    def from_code() -> torch.nn.Module:
+        m = EfficientNetLite0()
+        m.load_state_dict(load_file(str(weights)))
+        return m.eval()
+
     base = _median_ms(source, repeats)
     print("\nEfficientNet-Lite0 (4.65 M parameters), warm store, median of", repeats)
     print(_row("source package: from_name + torch.load (baseline)", base, base))
+    print(_row("code (graft.zoo.efficientnet) + safetensors load_state_dict",
+               _median_ms(from_code, repeats), base))
     print(_row("graft.load('efficientnet-lite0')",
                _median_ms(lambda: graft.load("efficientnet-lite0"), repeats), base))
     x = torch.randn(1, 3, 224, 224)
