@@ -101,3 +101,29 @@ def env_with_src() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+#: The word-level vocabulary of the tiny tokenizer the text tests use.
+WORDS = ("[PAD]", "[UNK]", "the", "cat", "sat", "dog")
+
+
+def write_word_tokenizer(path: Path, words: tuple[str, ...] = WORDS) -> Path:
+    """Write a whitespace, word-level ``tokenizer.json`` (``[PAD]`` 0, ``[UNK]`` 1)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
+class BagOfWords(nn.Module):
+    """Masked mean of word embeddings: a tiny text encoder, (B, T) ids -> (B, dim)."""
+
+    def __init__(self, vocab: int = len(WORDS), dim: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
+        return (self.embed(input_ids) * mask).sum(1) / mask.sum(1)  # (B, dim)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 import graft
 from graft.errors import SignatureError
 from graft.module.preprocess import image_preprocessor, load_image
 from graft.module.spec import ImagePreprocess, TextPreprocess
+from tests.conftest import BagOfWords, write_word_tokenizer
 
 SPEC = ImagePreprocess(size=16, resize=18, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -73,24 +73,7 @@ def test_not_an_image_file(tmp_path):
 
 @pytest.fixture
 def tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "the": 2, "cat": 3, "sat": 4, "dog": 5}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path / "tokenizer.json"
-    tok.save(str(path))
-    return path
-
-
-class BagOfWords(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(6, 4)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.unsqueeze(-1).float()
-        return (self.embed(input_ids) * mask).sum(1) / mask.sum(1)
+    return write_word_tokenizer(tmp_path / "tokenizer.json")
 
 
 def test_text_signature_takes_strings(tokenizer_json, tmp_path):

@@ -18,6 +18,7 @@ import graft
 from graft.errors import DataError, TrainingError
 from graft.train.data import ArrayDataset, ImageFolder, TextTable, split
 from graft.train.feature_cache import CachedFeatures, FeatureCache
+from tests.conftest import BagOfWords, write_word_tokenizer
 
 PRE = graft.ImagePreprocess(size=16, resize=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -243,24 +244,9 @@ def test_preprocessed_tensors_and_cached_features_dataset(module, tmp_path):
 
 
 def test_text_features(tmp_path, monkeypatch):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "the": 2, "cat": 3, "sat": 4, "dog": 5}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-
-    class Embed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(6, 3)
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
-            return (self.embed(input_ids) * mask).sum(1) / mask.sum(1)  # (B, 3)
-
+    write_word_tokenizer(tmp_path / "tokenizer.json")
     torch.manual_seed(0)
-    graft.save(Embed(), tmp_path / "embed", name="embed", version="1", signatures={
+    graft.save(BagOfWords(dim=3), tmp_path / "embed", name="embed", version="1", signatures={
         "embed": graft.Signature(
             inputs={"input_ids": "int64[batch,seq]", "attention_mask": "int64[batch,seq]"},
             preprocess=graft.TextPreprocess("assets/tokenizer.json", max_length=4))},

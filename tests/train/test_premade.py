@@ -14,7 +14,7 @@ import graft
 from graft.errors import DataError, SignatureError
 from graft.train.data import ArrayDataset, TextTable
 from graft.train.premade import ImageClassifier, TextClassifier
-from tests.conftest import env_with_src
+from tests.conftest import BagOfWords, env_with_src, write_word_tokenizer
 
 PRE = graft.ImagePreprocess(size=16, resize=16, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -108,27 +108,12 @@ def test_fine_tune_last_blocks_only(backbone):
         ImageClassifier(backbone, classes=["red", "blue"], fine_tune=4, progress=False)
 
 
-class BagOfWords(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(8, 6)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.unsqueeze(-1).float()
-        return (self.embed(input_ids) * mask).sum(1) / mask.sum(1)  # (B, 6)
-
-
 @pytest.fixture
 def text_module(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "good": 2, "great": 3, "bad": 4, "awful": 5, "film": 6,
-             "plot": 7}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
+    words = ("[PAD]", "[UNK]", "good", "great", "bad", "awful", "film", "plot")
+    write_word_tokenizer(tmp_path / "tokenizer.json", words)
     torch.manual_seed(0)
-    graft.save(BagOfWords(), "bow@1.0.0", signatures={"embed": graft.Signature(
+    graft.save(BagOfWords(len(words), dim=6), "bow@1.0.0", signatures={"embed": graft.Signature(
         inputs={"input_ids": "int64[batch,seq]", "attention_mask": "int64[batch,seq]"},
         preprocess=graft.TextPreprocess("assets/tokenizer.json", max_length=8))},
         assets={"tokenizer.json": tmp_path / "tokenizer.json"})
