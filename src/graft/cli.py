@@ -203,14 +203,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                                    else "embed" if "embed" in kinds else
                                    next(k for k, v in kinds.items() if v == wanted))
     train, validation = split(data, validation=args.validation, seed=args.seed)
-    print(f"{len(data)} examples in {len(data.classes)} classes {data.classes}: "
-          f"{len(train)} to train, {len(validation)} to validate")
     clf = classifier(backbone, classes=data.classes, fine_tune=args.fine_tune,
                      signature=signature, model_dir=args.model_dir, learning_rate=args.lr)
+    chief = clf.estimator.strategy.is_chief  # under `graft launch`, one worker reports
+    if chief:
+        print(f"{len(data)} examples in {len(data.classes)} classes {data.classes}: "
+              f"{len(train)} to train, {len(validation)} to validate")
     clf.train(train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     metrics = clf.evaluate(validation)
-    print(f"validation: accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.4f} "
-          f"({metrics['examples']} examples)")
+    if chief:
+        print(f"validation: accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.4f} "
+              f"({metrics['examples']} examples)")
     saved = clf.export(args.out)
     if saved is not None:
         print(f"exported {saved.handle} {saved.digest}")
