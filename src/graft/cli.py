@@ -68,7 +68,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"  size         {_human(m.size)} in {len(m.files)} files; "
           f"{params:,} parameters in {len(m.tensors)} tensors")
     print(f"  trainable    {'yes' if m.fine_tuning.trainable else 'no'} by default; batch norm "
-          f"{m.fine_tuning.batch_norm}s in train mode")
+          f"policy in train mode: {m.fine_tuning.batch_norm}")
     print(f"  location     {directory}")
     if m.parents:
         print("  parents")
@@ -185,7 +185,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     import graft
     from graft.train.data import ImageFolder, TextTable, split
 
-    backbone = graft.load(args.module, trainable=args.fine_tune != "head")
+    backbone = graft.load(args.module, trainable=args.fine_tune != "head",
+                          batch_norm=args.batch_norm)
     kinds = {name: spec.preprocess.kind for name, spec in backbone.signatures.items()
              if spec.preprocess is not None}
     data_path = Path(args.data)
@@ -204,7 +205,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                                    next(k for k, v in kinds.items() if v == wanted))
     train, validation = split(data, validation=args.validation, seed=args.seed)
     clf = classifier(backbone, classes=data.classes, fine_tune=args.fine_tune,
-                     signature=signature, model_dir=args.model_dir, learning_rate=args.lr)
+                     signature=signature, model_dir=args.model_dir, learning_rate=args.lr,
+                     batch_norm=args.batch_norm)
     chief = clf.estimator.strategy.is_chief  # under `graft launch`, one worker reports
     if chief:
         print(f"{len(data)} examples in {len(data.classes)} classes {data.classes}: "
@@ -260,6 +262,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the handle to export to, e.g. pets@1.0.0")
     p.add_argument("--fine-tune", type=_fine_tune_arg, default="head",
                    help="head (frozen backbone, cached features), all, or N last blocks")
+    p.add_argument("--batch-norm", choices=("update", "frozen"), default=None,
+                   help="when fine-tuning: update batch-norm statistics, or keep them frozen "
+                        "(default: the module's policy)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")

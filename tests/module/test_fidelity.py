@@ -188,3 +188,32 @@ def test_tensors_a_program_creates_follow_the_module_device(tmp_path):
     loaded.to("meta")  # stands in for a GPU here: the program must not create CPU tensors
     out = loaded(torch.zeros(2, 3, device="meta"))
     assert out.device.type == "meta" and out.shape == (2, 3)
+
+
+def test_fine_tuning_with_frozen_batch_norm(tiny_cnn, images, tmp_path):
+    reference = copy.deepcopy(tiny_cnn)
+    loaded = _save_cnn(tiny_cnn, tmp_path / "m", images)
+    assert "train_frozen_bn" in loaded.signatures["classify"].programs
+    frozen = graft.load(tmp_path / "m", trainable=True, batch_norm="frozen")
+    stats = {k: v.clone() for k, v in frozen.weights.named_buffers()}
+    reference.train()
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()  # the Keras recipe: batch norm in inference mode, dropout on
+    frozen.train()
+    torch.manual_seed(11)
+    ref = reference(images)
+    ref.sum().backward()
+    torch.manual_seed(11)
+    out = frozen(images)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, **EXACT)
+    grads = {n: p.grad for n, p in frozen.weights.named_parameters()}
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, **EXACT, msg=name)
+    for name, value in frozen.weights.named_buffers():
+        torch.testing.assert_close(value, stats[name], **EXACT, msg=name)  # nothing updated
+    torch.manual_seed(11)
+    assert not torch.equal(frozen(images), frozen(images))  # dropout is on
+    with pytest.raises(graft.SignatureError, match="batch_norm='sometimes'"):
+        graft.load(tmp_path / "m", trainable=True, batch_norm="sometimes")

@@ -31,6 +31,7 @@ from graft.module.manifest import (
     validate_version,
 )
 from graft.module.program import Program, program_from_json, program_to_json
+from graft.module.runtime import FROZEN_BN
 from graft.module.spec import ImagePreprocess, SignatureSpec, TensorSpec, TextPreprocess, dtype_name
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 _EXAMPLE_SIZES = {"batch": 2, "seq": 8}
+
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,8 @@ def save(
     The plain call ``save(model, path, name="tiny", version="1.0.0", example_inputs=(x,))``
     makes ``forward`` the default signature with specs inferred from ``x``.
 
-    Each signature is exported twice (``eval`` and ``train`` variants) over the same
-    parameter names, checked to reproduce the eager model exactly, and stored with reference
+    Each signature is exported as an ``eval`` and a ``train`` program (plus
+    ``train_frozen_bn`` when the model has batch norm) over the same parameter names, checked to reproduce the eager model exactly, and stored with reference
     inputs and outputs. Writing is atomic: an interrupted save leaves no module behind.
 
     ``progress=True`` shows a progress bar over the signatures being exported.
@@ -440,8 +442,15 @@ def _export_signature(model: nn.Module, key: str, sig: Signature,
                          if isinstance(d, str)} or None for spec in specs.values())
         wrapper = _Method(model, sig.method, dict_keys)
         programs, constants, outputs = {}, {}, None
-        for variant in ("eval", "train"):
-            model.train(variant == "train")
+        batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        variants = ("eval", "train", FROZEN_BN) if batch_norms else ("eval", "train")
+        for variant in variants:
+            model.train(variant != "eval")
+            if variant == FROZEN_BN:
+                # Fine-tuning on small batches: dropout on, batch norm in inference mode
+                # (running statistics used, never updated).
+                for bn in batch_norms:
+                    bn.eval()
             try:
                 ep = export(wrapper, examples, dynamic_shapes=(dynamic,), strict=False)
             except Exception as exc:  # torch raises many types; all mean "cannot export"

@@ -18,7 +18,7 @@ __all__ = ["check_module", "load", "read_safetensors"]
 
 
 def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
-         store: Any = None) -> Module:
+         batch_norm: str | None = None, store: Any = None) -> Module:
     """Load a module by handle.
 
     Args:
@@ -26,6 +26,9 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
             directory (``./path``, ``/abs/path``, ``file://...``).
         trainable: ``True``: parameters require grad and ``.train()`` runs the train programs.
             ``False``: frozen, always the eval programs. ``None``: the module's own policy.
+        batch_norm: In train mode, ``"update"`` (batch statistics, running statistics
+            updated) or ``"frozen"`` (running statistics used and kept; better for small
+            fine-tuning batches). ``None``: the module's own policy.
         store: The store to resolve store handles in (default: ``$GRAFT_HOME``).
 
     Raises:
@@ -53,7 +56,8 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
     tensors = read_safetensors(resolve_inside(directory.resolve(), "weights.safetensors"))
     _check_tensors(manifest, tensors)
     return Module(manifest, directory, tensors,
-                  trainable=manifest.fine_tuning.trainable if trainable is None else trainable)
+                  trainable=manifest.fine_tuning.trainable if trainable is None else trainable,
+                  batch_norm=batch_norm)
 
 
 def check_module(directory: Path, manifest: Manifest, *, hash_contents: bool) -> None:

@@ -18,6 +18,7 @@ from graft.errors import FormatError, IntegrityError, UnsafeContentError
 from graft.module.spec import SignatureSpec
 
 __all__ = [
+    "BATCH_NORM_POLICIES",
     "FORMAT",
     "FileEntry",
     "FineTuning",
@@ -39,6 +40,8 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _VERSION = re.compile(r"^\d+(\.\d+){0,2}([-+][0-9A-Za-z.-]+)?$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+#: What batch norm does when a trainable module runs in train mode.
+BATCH_NORM_POLICIES = ("update", "frozen")
 
 
 def canonical_json(data: Any) -> bytes:
@@ -136,17 +139,19 @@ class FineTuning:
 
     Args:
         trainable: Whether ``graft.load`` makes parameters trainable by default.
-        batch_norm: ``"update"``: in train mode batch norm normalises with batch statistics
-            and updates its running statistics (the train program).
+        batch_norm: The default batch-norm behaviour in train mode. ``"update"``: normalise
+            with batch statistics and update the running statistics (the ``train``
+            program). ``"frozen"``: use and keep the running statistics, dropout still on
+            (the ``train_frozen_bn`` program), the usual choice for small fine-tuning batches.
     """
 
     trainable: bool = False
     batch_norm: str = "update"
 
     def __post_init__(self) -> None:
-        if self.batch_norm not in ("update",):
-            raise FormatError(f"fine_tuning.batch_norm {self.batch_norm!r} is unknown; "
-                              "expected 'update'")
+        if self.batch_norm not in BATCH_NORM_POLICIES:
+            raise FormatError(f"batch_norm {self.batch_norm!r} is unknown; expected one of "
+                              f"{BATCH_NORM_POLICIES}")
 
 
 @dataclass(frozen=True)

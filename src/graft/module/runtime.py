@@ -9,11 +9,14 @@ import torch
 from torch import nn
 
 from graft.errors import FormatError, SignatureError
-from graft.module.manifest import Manifest, resolve_inside
+from graft.module.manifest import BATCH_NORM_POLICIES, Manifest, resolve_inside
 from graft.module.program import Program, program_from_json
 from graft.module.spec import ImagePreprocess, SignatureSpec, TextPreprocess
 
-__all__ = ["BoundSignature", "Module"]
+__all__ = ["BoundSignature", "FROZEN_BN", "Module"]
+
+#: The program variant that trains with batch norm frozen (running statistics used, kept).
+FROZEN_BN = "train_frozen_bn"
 
 
 def _tree(tensors: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
@@ -44,17 +47,22 @@ class Module(nn.Module):
     optimizers, ``state_dict`` and ``named_parameters`` work as usual.
 
     Frozen (``trainable=False``) modules always run their eval programs, as a black box. A
-    trainable module runs the train programs in ``.train()`` mode (batch norm uses and
-    updates batch statistics, dropout is on) and the eval programs in ``.eval()`` mode,
-    always over the same parameter objects.
+    trainable module runs the train programs in ``.train()`` mode (dropout on; batch norm
+    uses and updates batch statistics, or with ``batch_norm="frozen"`` uses and keeps its
+    running statistics) and the eval programs in ``.eval()`` mode, always over the same
+    parameter objects.
     """
 
     def __init__(self, manifest: Manifest, directory: Path, tensors: Mapping[str, torch.Tensor],
-                 *, trainable: bool) -> None:
+                 *, trainable: bool, batch_norm: str | None = None) -> None:
         super().__init__()
         self.manifest = manifest
         self.directory = Path(directory)
         self.trainable = trainable
+        self.batch_norm = batch_norm or manifest.fine_tuning.batch_norm
+        if self.batch_norm not in BATCH_NORM_POLICIES:
+            raise SignatureError(f"batch_norm={self.batch_norm!r} is unknown; expected one of "
+                                 f"{BATCH_NORM_POLICIES}")
         kinds = {k: v.kind for k, v in manifest.tensors.items()}
         self.weights = _tree(tensors, kinds, trainable)
         self._programs: dict[tuple[str, str], tuple[Program, dict[str, torch.Tensor]]] = {}
@@ -97,7 +105,8 @@ class Module(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, version={self.version!r}, "
-                f"signatures={list(self.manifest.signatures)}, trainable={self.trainable}")
+                f"signatures={list(self.manifest.signatures)}, trainable={self.trainable}, "
+                f"batch_norm={self.batch_norm!r}")
 
     # -- calling ---------------------------------------------------------------------------
 
@@ -125,8 +134,11 @@ class Module(nn.Module):
             raise SignatureError(f"module {self.name} has no signature {name!r}; it has "
                                  f"{sorted(self.manifest.signatures)}")
         inputs = self._bind(name, spec, args, kwargs)
-        variant = "train" if self.training and self.trainable and "train" in spec.programs \
-            else "eval"
+        variant = "eval"
+        if self.training and self.trainable:
+            # A signature without batch norm has no frozen variant: its train program is it.
+            frozen = self.batch_norm == "frozen" and FROZEN_BN in spec.programs
+            variant = FROZEN_BN if frozen else "train" if "train" in spec.programs else "eval"
         program, constants = self._program(name, variant)
         state = self._state()
         outputs = program(state, constants, inputs)

@@ -64,7 +64,7 @@ class _Classifier:
                  model_dir: str | os.PathLike[str] | None = None, learning_rate: float = 1e-3,
                  dropout: float = 0.0, cache_dir: str | os.PathLike[str] | None = None,
                  progress: bool = True, warm_start_from: _Classifier | None = None,
-                 **estimator_options: Any) -> None:
+                 batch_norm: str | None = None, **estimator_options: Any) -> None:
         import graft
 
         self.classes = [str(c) for c in classes]
@@ -77,8 +77,8 @@ class _Classifier:
                              f"got {fine_tune!r}")
         self.fine_tune = fine_tune
         trainable = fine_tune != "head"
-        backbone = module if isinstance(module, Module) else graft.load(module,
-                                                                        trainable=trainable)
+        backbone = module if isinstance(module, Module) else graft.load(
+            module, trainable=trainable, batch_norm=batch_norm)
         self.signature = signature or self.default_signature
         if self.signature not in backbone.signatures:
             raise DataError(f"module {backbone.name} has no signature {self.signature!r}; it has "
@@ -256,6 +256,9 @@ class ImageClassifier(_Classifier):
         cache_dir: Feature cache (default ``$GRAFT_HOME/cache/features``).
         warm_start_from: Another classifier (same classes) whose trained head this one
             starts from: train the head with ``fine_tune="head"``, then fine-tune ``"all"``.
+        batch_norm: When fine-tuning, ``"update"`` (batch statistics) or ``"frozen"``
+            (running statistics kept, often better with small batches); default: the
+            module's policy.
         **estimator_options: Passed to :class:`graft.Estimator` (``strategy``, ``metrics``...).
     """
 
