@@ -127,3 +127,35 @@ class BagOfWords(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
         return (self.embed(input_ids) * mask).sum(1) / mask.sum(1)  # (B, dim)
+
+
+class Pool(nn.Module):
+    """One conv layer and global average pooling: a tiny image encoder, 4-d features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(images)).mean(dim=(2, 3))  # (B, 4)
+
+
+def write_image_folder(data, root: Path) -> Path:
+    """Write a labelled dataset of uint8 HWC arrays as PNGs, one sub-folder per class."""
+    from PIL import Image
+
+    for i in range(len(data)):
+        image, label = data[i]
+        folder = root / data.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one thread: tiny models are faster so, and a busy machine slows them less."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

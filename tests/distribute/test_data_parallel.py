@@ -22,12 +22,7 @@ from tests.distribute.worker import EVAL_SIZE, STEPS, bn_net, estimator, images,
 CLOSE = {"rtol": 0.0, "atol": 1e-6}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

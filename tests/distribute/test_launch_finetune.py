@@ -6,21 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 import graft
-from tests.conftest import env_with_src
+from tests.conftest import env_with_src, write_image_folder
 from tests.train.test_premade import backbone, colour_images  # noqa: F401 (a fixture)
 
 
 @pytest.mark.timeout(240)
 def test_launch_two_workers_finetune_and_export_once(backbone, tmp_path):  # noqa: F811
-    data = colour_images(40)
-    for i in range(len(data)):
-        image, label = data[i]
-        folder = tmp_path / "photos" / data.classes[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{i}.png")
+    write_image_folder(colour_images(40), tmp_path / "photos")
     out = subprocess.run(
         [sys.executable, "-m", "graft.cli", "launch", "--nproc-per-node", "2", "--",
          "graft", "finetune", "--module", backbone, "--data", str(tmp_path / "photos"),

@@ -34,7 +34,7 @@ from graft.train.data import (
     module_transform,
     split,
 )
-from tests.conftest import BagOfWords, env_with_src, write_word_tokenizer
+from tests.conftest import BagOfWords, Pool, env_with_src, write_word_tokenizer
 
 PRE = graft.ImagePreprocess(size=16, resize=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -61,15 +61,6 @@ def photos(tmp_path: Path) -> Path:
     (root / "dogs" / "README.txt").write_text("not an image, ignored by suffix")
     (root / "dogs" / ".DS_Store").write_bytes(b"\0\1")
     return root
-
-
-class Pool(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(images)).mean(dim=(2, 3))  # (B, 4)
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ from tests.conftest import REPO, TinyCNN, env_with_src
 EXACT = {"rtol": 0.0, "atol": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread, and a busy machine does not slow them down.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n: int = 120, seed: int = 0) -> TensorDataset:

@@ -18,18 +18,9 @@ import graft
 from graft.errors import DataError, TrainingError
 from graft.train.data import ArrayDataset, ImageFolder, TextTable, split
 from graft.train.feature_cache import CachedFeatures, FeatureCache
-from tests.conftest import BagOfWords, write_word_tokenizer
+from tests.conftest import BagOfWords, Pool, write_word_tokenizer
 
 PRE = graft.ImagePreprocess(size=16, resize=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-
-
-class Pool(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(images)).mean(dim=(2, 3))  # (B, 4)
 
 
 def _save_pool(root: Path, seed: int) -> Path:

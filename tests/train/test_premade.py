@@ -14,7 +14,7 @@ import graft
 from graft.errors import DataError, SignatureError
 from graft.train.data import ArrayDataset, TextTable
 from graft.train.premade import ImageClassifier, TextClassifier
-from tests.conftest import BagOfWords, env_with_src, write_word_tokenizer
+from tests.conftest import BagOfWords, env_with_src, write_image_folder, write_word_tokenizer
 
 PRE = graft.ImagePreprocess(size=16, resize=16, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -154,14 +154,7 @@ def test_bad_inputs_write_nothing_to_the_store(backbone, tmp_path):
 
 
 def test_graft_finetune_command(backbone, tmp_path, graft_home):
-    from PIL import Image
-
-    data = colour_images(40)
-    for i in range(len(data)):
-        image, label = data[i]
-        folder = tmp_path / "photos" / data.classes[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{i}.png")
+    write_image_folder(colour_images(40), tmp_path / "photos")
     out = subprocess.run(
         [sys.executable, "-m", "graft.cli", "finetune", "--module", backbone, "--data",
          str(tmp_path / "photos"), "--out", "photo-colours@1", "--epochs", "20",
