@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import env_with_src
 
-PACKAGES = ["graft", "graft.errors", "graft.module.spec", "graft.module.manifest",
-            "graft.module.export", "graft.module.load", "graft.module.runtime",
+PACKAGES = ["graft", "graft.errors", "graft.format.spec", "graft.format.manifest",
+            "graft.export.save", "graft.runtime.load", "graft.runtime.module",
             "graft.hub.handles", "graft.hub.store", "graft.train.losses", "graft.train.data",
             "graft.train.feature_cache", "graft.train.estimator", "graft.train.specs",
             "graft.train.checkpoint", "graft.train.metrics", "graft.train.premade", "graft.distribute.strategy", "graft.distribute.data_parallel",

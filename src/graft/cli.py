@@ -56,7 +56,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from graft.module.manifest import Manifest
+    from graft.format.manifest import Manifest
 
     directory, stored = _directory(args.handle)
     m = Manifest.read(directory)
@@ -94,7 +94,7 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from graft.module.verify import verify_module
+    from graft.runtime.verify import verify_module
 
     directory, stored = _directory(args.handle)
     if stored is not None:

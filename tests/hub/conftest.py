@@ -11,8 +11,8 @@ from typing import Callable, Mapping
 import pytest
 
 from graft.hub.store import Store
-from graft.module.manifest import FileEntry, Manifest, Parent
-from graft.module.spec import SignatureSpec
+from graft.format.manifest import FileEntry, Manifest, Parent
+from graft.format.spec import SignatureSpec
 
 PROGRAM = "programs/forward.eval.json"
 WEIGHTS = "weights.safetensors"

@@ -27,7 +27,7 @@ from graft.errors import (
 )
 from graft.hub.handles import parse_handle
 from graft.hub.store import GcReport, Store, StoredModule
-from graft.module.manifest import Manifest, Parent
+from graft.format.manifest import Manifest, Parent
 
 WEIGHTS = "weights.safetensors"
 PROGRAM = "programs/forward.eval.json"

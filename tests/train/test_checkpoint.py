@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from graft.errors import FormatError, IntegrityError
-from graft.module.files import refuse_code_or_pickle
+from graft.format.files import refuse_code_or_pickle
 from graft.train import checkpoint as ckpt
 from graft.train.checkpoint import (
     CheckpointManager,

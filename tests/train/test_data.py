@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import graft
 from graft.errors import DataError, SignatureError
-from graft.module.preprocess import image_preprocessor
+from graft.runtime.preprocess import image_preprocessor
 from graft.train.data import (
     ArrayDataset,
     ImageFolder,

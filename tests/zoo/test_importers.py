@@ -15,7 +15,7 @@ from torch import nn
 
 import graft
 import graft.zoo
-from graft.module.verify import verify_module
+from graft.runtime.verify import verify_module
 from tests.conftest import REPO, env_with_src
 
 pytestmark = pytest.mark.pretrained

@@ -1,1 +1,1 @@
-"""graft.export"""
+"""Turning an ``nn.Module`` into a module: ``graft.save`` and the program encoder."""

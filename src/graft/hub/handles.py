@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from graft.errors import FormatError, HandleError
-from graft.module.manifest import validate_name, validate_version
+from graft.format.manifest import validate_name, validate_version
 
 __all__ = ["Handle", "is_store_handle", "parse_handle"]
 

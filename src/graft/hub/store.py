@@ -49,8 +49,9 @@ from graft.errors import (
 )
 from graft._sqlite import transaction
 from graft.hub.handles import Handle, parse_handle
-from graft.module.load import check_module
-from graft.module.manifest import MANIFEST_NAME, FileEntry, Manifest, Parent, sha256_file
+from graft.format.validate import check_module
+from graft._fs import sha256_file
+from graft.format.manifest import MANIFEST_NAME, FileEntry, Manifest, Parent
 from graft.settings import graft_home
 
 try:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from graft.errors import FormatError, IntegrityError
-from graft.module.files import fsync_dir, fsync_tree
+from graft._fs import fsync_dir, fsync_tree
 
 __all__ = [
     "Checkpoint",

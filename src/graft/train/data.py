@@ -294,7 +294,7 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        from graft.module.preprocess import load_image
+        from graft.runtime.preprocess import load_image
 
         path, label = self.samples[index]
         try:
@@ -744,7 +744,7 @@ class ModuleCollate:
 
     def __init__(self, input_names: Sequence[str], preprocess: Any = None,
                  tokenizer_path: str | os.PathLike[str] | None = None) -> None:
-        from graft.module.spec import ImagePreprocess, TextPreprocess
+        from graft.format.spec import ImagePreprocess, TextPreprocess
 
         self.input_names = list(input_names)
         self.preprocess = preprocess
@@ -769,7 +769,7 @@ class ModuleCollate:
 
     def _preprocessor(self) -> Callable[[Any], dict[str, torch.Tensor]]:
         if self._fn is None:
-            from graft.module import preprocess as pre
+            from graft.runtime import preprocess as pre
 
             if self.kind == "image":
                 self._fn = pre.image_preprocessor(self.preprocess, self.input_names[0])
@@ -841,7 +841,7 @@ def signature_of(module: Any, signature: str | None = None) -> tuple[Any, str, A
     Raises:
         SignatureError: the module has no such signature.
     """
-    from graft.module.runtime import BoundSignature
+    from graft.runtime.module import BoundSignature
 
     if isinstance(module, BoundSignature):
         if signature is not None and signature != module.name:
@@ -865,7 +865,7 @@ def module_collate(module: Any, signature: str | None = None) -> ModuleCollate:
         (images ``(B, 3, S, S)``), else a dict input name -> tensor (text: token ids and
         attention mask, int64 ``(B, T)``); ``labels`` is int64 ``(B,)``.
     """
-    from graft.module.spec import TextPreprocess
+    from graft.format.spec import TextPreprocess
 
     module, _, spec = signature_of(module, signature)
     tokenizer = None
@@ -876,7 +876,7 @@ def module_collate(module: Any, signature: str | None = None) -> ModuleCollate:
 
 def module_transform(module: Any, signature: str | None = None) -> Callable[[Any], torch.Tensor]:
     """A per-example transform (e.g. for ``ImageFolder``): image -> ``(3, S, S)`` tensor."""
-    from graft.module.spec import ImagePreprocess
+    from graft.format.spec import ImagePreprocess
 
     _, name, spec = signature_of(module, signature)
     if not isinstance(spec.preprocess, ImagePreprocess):
@@ -894,7 +894,7 @@ def collate_images(preprocess: Any, input_name: str = "images") -> ModuleCollate
 def collate_text(tokenizer_path: str | os.PathLike[str], max_length: int = 128,
                  input_names: Sequence[str] = ("input_ids", "attention_mask")) -> ModuleCollate:
     """A collate function for strings through a ``tokenizer.json`` file (no module needed)."""
-    from graft.module.spec import TextPreprocess
+    from graft.format.spec import TextPreprocess
 
     return ModuleCollate(list(input_names), TextPreprocess("assets/tokenizer.json", max_length),
                          tokenizer_path)

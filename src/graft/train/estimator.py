@@ -830,7 +830,7 @@ class Estimator:
             The :class:`graft.SavedModule` on the chief worker, None on the others (which
             wait until it is written).
         """
-        from graft.module.export import save
+        from graft.export.save import save
 
         self._restore_if_needed()
         if example_inputs is None and signatures is None:

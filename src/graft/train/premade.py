@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from graft.errors import DataError
-from graft.module.runtime import Module
+from graft.runtime.module import Module
 from graft.train.data import module_collate
 from graft.train.estimator import Estimator
 

@@ -16,8 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graft.errors import FormatError, PathExists, SignatureError
-from graft.module import files
-from graft.module.manifest import (
+from graft import _fs
+from graft.format.files import SNIFF_BYTES, refuse_code_or_pickle
+from graft.format.manifest import (
     MANIFEST_NAME,
     FileEntry,
     FineTuning,
@@ -26,13 +27,13 @@ from graft.module.manifest import (
     TensorEntry,
     canonical_json,
     check_relative_path,
-    sha256_file,
     validate_name,
     validate_version,
 )
-from graft.module.program import Program, program_from_json, program_to_json
-from graft.module.runtime import FROZEN_BN
-from graft.module.spec import ImagePreprocess, SignatureSpec, TensorSpec, TextPreprocess, dtype_name
+from graft.export.program import program_to_json
+from graft.runtime.program import Program, program_from_json
+from graft.runtime.module import FROZEN_BN
+from graft.format.spec import ImagePreprocess, SignatureSpec, TensorSpec, TextPreprocess, dtype_name
 
 __all__ = [
     "SavedModule",
@@ -175,9 +176,9 @@ def save(
     staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         manifest = write(staging)
-        files.fsync_tree(staging)
+        _fs.fsync_tree(staging)
         os.rename(staging, target)
-        files.fsync_dir(target.parent)
+        _fs.fsync_dir(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return SavedModule(name, version, manifest.digest, target, str(target))
@@ -185,7 +186,7 @@ def save(
 
 def _embedded_parents(model: nn.Module, known: set[str]) -> tuple[Parent, ...]:
     """Every hub module inside ``model`` is a parent of what is saved: lineage is automatic."""
-    from graft.module.runtime import Module
+    from graft.runtime.module import Module
 
     found = []
     for sub in model.modules():
@@ -330,7 +331,7 @@ def _write_module(model: nn.Module, directory: Path, *, name: str, version: str,
             steps.update()
 
     written: dict[str, Path] = {}
-    with files.writer(directory) as put:
+    with _fs.writer(directory) as put:
         weights = directory / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
         written["weights.safetensors"] = weights
@@ -367,7 +368,7 @@ def _write_module(model: nn.Module, directory: Path, *, name: str, version: str,
         for asset_name, content in assets.items():
             rel = check_relative_path(f"assets/{asset_name}")
             data = _asset_bytes(asset_name, content)
-            files.refuse_code_or_pickle(rel, data[: files.SNIFF_BYTES])
+            refuse_code_or_pickle(rel, data[:SNIFF_BYTES])
             written[rel] = put(rel, data)
 
         tensors = {k: TensorEntry(kinds[k], dtype_name(v.dtype), tuple(v.shape), tensor_sha256(v))
@@ -375,7 +376,7 @@ def _write_module(model: nn.Module, directory: Path, *, name: str, version: str,
         card = model_card_text(name, version, description, license, signature_specs, default,
                                parents, model_card)
         written["README.md"] = put("README.md", card.encode("utf-8"))
-        entries = {rel: FileEntry(sha256_file(path), path.stat().st_size)
+        entries = {rel: FileEntry(_fs.sha256_file(path), path.stat().st_size)
                    for rel, path in sorted(written.items())}
         manifest = Manifest(name=name, version=version, signatures=signature_specs,
                             default_signature=default, files=entries, tensors=tensors,

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from graft.errors import FormatError, SignatureError
-from graft.module.manifest import BATCH_NORM_POLICIES, Manifest, resolve_inside
-from graft.module.program import Program, program_from_json
-from graft.module.spec import ImagePreprocess, SignatureSpec, TextPreprocess
+from graft.format.manifest import BATCH_NORM_POLICIES, Manifest, resolve_inside
+from graft.runtime.program import Program, program_from_json
+from graft.format.spec import ImagePreprocess, SignatureSpec, TextPreprocess
 
 __all__ = ["BoundSignature", "FROZEN_BN", "Module"]
 
@@ -178,7 +178,7 @@ class Module(nn.Module):
         return [bound[k] for k in names]
 
     def _preprocess(self, name: str, spec: SignatureSpec, data: Any) -> dict[str, torch.Tensor]:
-        from graft.module import preprocess as pre
+        from graft.runtime import preprocess as pre
 
         fn = self._preprocessors.get(name)
         if fn is None:
@@ -215,7 +215,7 @@ class Module(nn.Module):
             constants: dict[str, torch.Tensor] = {}
             const_rel = rel.removesuffix(".json") + ".constants.safetensors"
             if const_rel in self.manifest.files:
-                from graft.module.load import read_safetensors
+                from graft.runtime.load import read_safetensors
 
                 constants = read_safetensors(resolve_inside(self.directory.resolve(), const_rel))
             constants = {k: v.to(device) for k, v in constants.items()}

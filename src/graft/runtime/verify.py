@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from graft.errors import IntegrityError
-from graft.module.load import check_module, load, read_safetensors
-from graft.module.manifest import Manifest, resolve_inside
+from graft.format.validate import check_module
+from graft.runtime.load import load, read_safetensors
+from graft.format.manifest import Manifest, resolve_inside
 
 __all__ = ["VerifyReport", "verify_module"]
 
@@ -34,7 +35,7 @@ def verify_module(directory: Path, *, atol: float = 1e-5, rtol: float = 1e-4) ->
     Raises:
         IntegrityError: a file, tensor or reference output does not match.
     """
-    from graft.module.export import tensor_sha256
+    from graft.export.save import tensor_sha256
 
     directory = Path(directory)
     manifest = Manifest.read(directory)

@@ -17,7 +17,8 @@ import torch
 
 import graft
 from graft.errors import FormatError, IntegrityError, PathExists, UnsafeContentError
-from graft.module.manifest import FileEntry, Manifest, sha256_file
+from graft._fs import sha256_file
+from graft.format.manifest import FileEntry, Manifest
 from tests.conftest import TinyCNN, env_with_src
 
 

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from graft.errors import FormatError, IntegrityError
-from graft.module.files import SNIFF_BYTES, refuse_code_or_pickle
-from graft.module.manifest import Manifest, resolve_inside
-from graft.module.runtime import Module
-from graft.module.spec import DTYPES
+from graft.format.manifest import Manifest, resolve_inside
+from graft.format.validate import check_module
+from graft.runtime.module import Module
+from graft.format.spec import dtype_name_or_str
 
-__all__ = ["check_module", "load", "read_safetensors"]
+__all__ = ["load", "read_safetensors"]
 
 
 def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
@@ -60,26 +60,6 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
                   batch_norm=batch_norm)
 
 
-def check_module(directory: Path, manifest: Manifest, *, hash_contents: bool) -> None:
-    """Check every file's presence, size (and sha256) and refuse code or pickles.
-
-    Args:
-        hash_contents: Also compare every file's sha256 with the manifest.
-    """
-    manifest.verify_files(directory, hash_contents=hash_contents)
-    root = Path(directory).resolve()
-    for rel in manifest.files:
-        if rel.endswith(".safetensors"):
-            continue  # read by safetensors alone, which never unpickles
-        # Programs are parsed as strict JSON, which no pickle passes; their first bytes are
-        # still checked so that a pickle is named as such. Assets get the full check.
-        size = 64 if rel.startswith("programs/") and rel.endswith(".json") else SNIFF_BYTES
-        with open(resolve_inside(root, rel), "rb") as f:
-            refuse_code_or_pickle(rel, f.read(size))
-    if "weights.safetensors" not in manifest.files:
-        raise FormatError(f"module {manifest.name} has no weights.safetensors")
-
-
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file; a malformed header is a ``FormatError``."""
     from safetensors import SafetensorError
@@ -100,6 +80,6 @@ def _check_tensors(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None
                              f"lists (missing {missing}, unexpected {extra})")
     for key, entry in manifest.tensors.items():
         tensor = tensors[key]
-        if tensor.dtype != DTYPES.get(entry.dtype) or tuple(tensor.shape) != entry.shape:
+        if dtype_name_or_str(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
             raise IntegrityError(f"tensor {key} is {tensor.dtype}{list(tensor.shape)} but the "
                                  f"manifest records {entry.dtype}{list(entry.shape)}")

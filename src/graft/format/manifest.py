@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from graft._fs import sha256_file
 from graft.errors import FormatError, IntegrityError, UnsafeContentError
-from graft.module.spec import SignatureSpec
+from graft.format.spec import SignatureSpec
 
 __all__ = [
     "BATCH_NORM_POLICIES",
@@ -29,7 +30,6 @@ __all__ = [
     "canonical_json",
     "check_relative_path",
     "resolve_inside",
-    "sha256_file",
     "validate_name",
     "validate_version",
 ]
@@ -39,7 +39,6 @@ MANIFEST_NAME = "graft.json"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _VERSION = re.compile(r"^\d+(\.\d+){0,2}([-+][0-9A-Za-z.-]+)?$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 1 << 20
 #: What batch norm does when a trainable module runs in train mode.
 BATCH_NORM_POLICIES = ("update", "frozen")
 
@@ -48,15 +47,6 @@ def canonical_json(data: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no insignificant whitespace, UTF-8."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")
-
-
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_relative_path(rel: str) -> str:

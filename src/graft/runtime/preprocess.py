@@ -11,7 +11,7 @@ import torch
 
 from graft._extras import require
 from graft.errors import SignatureError
-from graft.module.spec import ImagePreprocess, TextPreprocess
+from graft.format.spec import ImagePreprocess, TextPreprocess
 
 __all__ = ["image_preprocessor", "load_image", "text_preprocessor"]
 

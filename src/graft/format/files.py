@@ -1,17 +1,14 @@
-"""File-level helpers for writing modules durably and refusing content that could run code."""
+"""Refusing module files that are code or pickles, by name or by content (no torch)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import pickletools
 from pathlib import Path
-from typing import Callable, Iterator
 
 from graft.errors import UnsafeContentError
 
-__all__ = ["SNIFF_BYTES", "fsync_dir", "fsync_tree", "refuse_code_or_pickle", "writer"]
+__all__ = ["SNIFF_BYTES", "refuse_code_or_pickle"]
 
 # Suffixes of files that are code, or containers that unpickle when opened the usual way.
 _REFUSED_SUFFIXES = {".py", ".pyc", ".pyo", ".so", ".dll", ".dylib", ".pkl", ".pickle",
@@ -65,40 +62,3 @@ def refuse_code_or_pickle(rel: str, head: bytes) -> None:
         raise UnsafeContentError(f"module file {rel!r} is refused: {reason}. Modules hold "
                                  "only JSON, safetensors and plain data, so that loading one "
                                  "never runs code")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new names, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root``."""
-    for dirpath, _, filenames in os.walk(root):
-        for filename in filenames:
-            fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-@contextlib.contextmanager
-def writer(root: Path) -> Iterator[Callable[[str, bytes], Path]]:
-    """Yield ``put(rel, data) -> path``, which writes a file under ``root`` and fsyncs it."""
-
-    def put(rel: str, data: bytes) -> Path:
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return path
-
-    yield put

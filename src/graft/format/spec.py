@@ -8,10 +8,10 @@ may take any size, but every input of one call must agree on it.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import torch
 
 from graft.errors import FormatError, SignatureError
 
@@ -26,33 +26,24 @@ __all__ = [
     "preprocess_from_json",
 ]
 
-#: The dtypes a spec may name, by their spec name.
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+#: The dtypes a spec may name. Each is also the name of the torch dtype (``torch.float32``).
+DTYPES: frozenset[str] = frozenset({
+    "float64", "float32", "float16", "bfloat16",
+    "int64", "int32", "int16", "int8", "uint8", "bool",
+})
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A derived dimension (an expression of named ones, e.g. "2*seq") is recorded but not checked.
 _DERIVED = re.compile(r"^[A-Za-z0-9_+\-*/() ]+$")
 _SPEC = re.compile(r"^\s*([a-z0-9]+)\s*\[(.*)\]\s*$")
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: Any) -> str:
     """The spec name of a torch dtype (``torch.float32`` -> ``"float32"``)."""
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
+    name = dtype_name_or_str(dtype)
+    if name not in DTYPES:
         raise FormatError(f"dtype {dtype} is not supported in a module signature; "
-                          f"use one of {sorted(DTYPES)}") from None
+                          f"use one of {sorted(DTYPES)}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -102,8 +93,11 @@ class TensorSpec:
         return spec if isinstance(spec, TensorSpec) else cls.parse(spec)
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self) -> Any:
+        """The ``torch.dtype`` (imports torch; the name was checked against ``DTYPES``)."""
+        import torch
+
+        return getattr(torch, self.dtype)
 
     def __str__(self) -> str:
         return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
@@ -117,12 +111,12 @@ class TensorSpec:
             bound: Sizes of named dimensions seen so far in this call; updated in place so that
                 every input of one call agrees on ``batch``, ``seq``, ...
         """
-        if not isinstance(value, torch.Tensor):
+        if not _is_tensor(value):
             raise SignatureError(f"input '{name}' expects a tensor {self}, got "
                                  f"{type(value).__name__}; pass a torch.Tensor")
         got = f"{dtype_name_or_str(value.dtype)}[{','.join(map(str, value.shape))}]"
         fixes = []
-        if value.dtype != self.torch_dtype:
+        if dtype_name_or_str(value.dtype) != self.dtype:
             fixes.append(f"convert with `.to(torch.{self.dtype})`")
         if value.dim() != len(self.shape):
             fixes.append(f"give it {len(self.shape)} dimensions, not {value.dim()}"
@@ -152,8 +146,15 @@ class TensorSpec:
         return cls.parse(data)
 
 
-def dtype_name_or_str(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+def dtype_name_or_str(dtype: Any) -> str:
+    """``torch.float32`` -> ``"float32"``, for any dtype (spec or not)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_tensor(value: Any) -> bool:
+    # Checked without importing torch: a module that holds tensors has imported it already.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 @dataclass(frozen=True)

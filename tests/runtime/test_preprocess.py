@@ -9,8 +9,8 @@ from PIL import Image
 
 import graft
 from graft.errors import SignatureError
-from graft.module.preprocess import image_preprocessor, load_image
-from graft.module.spec import ImagePreprocess, TextPreprocess
+from graft.runtime.preprocess import image_preprocessor, load_image
+from graft.format.spec import ImagePreprocess, TextPreprocess
 from tests.conftest import BagOfWords, write_word_tokenizer
 
 SPEC = ImagePreprocess(size=16, resize=18, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -1,1 +1,0 @@
-"""What a module is: specs and manifest, export, load, the runtime, preprocessing."""

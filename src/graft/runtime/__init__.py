@@ -1,0 +1,1 @@
+"""Running a module: ``graft.Module``, the program runner (no generated code), preprocessing."""
