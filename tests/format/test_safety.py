@@ -1,15 +1,18 @@
-"""Loading never unpickles or executes module content, and every byte is checked."""
+"""Every byte of a module is checked; saving is atomic.
+
+That loading never unpickles or executes module content is shown by the audit-hook corpus in
+``tests/format/test_hostile.py`` (it replaced tests here that checked a marker file a payload
+would have created: nothing in the load path unpickled, so those could not fail).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
+import struct
+import zipfile
 import pickle
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,17 +22,7 @@ import graft
 from graft.errors import FormatError, IntegrityError, PathExists, UnsafeContentError
 from graft._fs import sha256_file
 from graft.format.manifest import FileEntry, Manifest
-from tests.conftest import TinyCNN, env_with_src
-
-
-class _Payload:
-    """Unpickling this runs a shell command that creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from tests.conftest import TinyCNN
 
 
 @pytest.fixture
@@ -58,33 +51,6 @@ def _write_manifest(directory: Path, manifest: Manifest) -> None:
 def _snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes()
             for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def test_pickle_program_is_refused_and_never_runs(module_dir, tmp_path):
-    marker = tmp_path / "pwned"
-    payload = pickle.dumps(_Payload(marker))
-    _replace_file(module_dir, "programs/forward.eval.json", payload)
-    with pytest.raises(UnsafeContentError, match="pickle"):
-        graft.load(module_dir)
-    assert not marker.exists()
-
-
-def test_pickle_protocol0_asset_is_refused_and_never_runs(module_dir, tmp_path):
-    marker = tmp_path / "pwned"
-    _replace_file(module_dir, "assets/labels.txt", pickle.dumps(_Payload(marker), protocol=0))
-    with pytest.raises(UnsafeContentError, match="pickle"):
-        graft.load(module_dir)
-    assert not marker.exists()
-
-
-def test_program_calling_python_code_is_refused(module_dir, tmp_path):
-    rel = "programs/forward.eval.json"
-    graph = json.loads((module_dir / rel).read_bytes())
-    graph["nodes"][0]["target"] = "builtins.exec"
-    _replace_file(module_dir, rel, json.dumps(graph).encode())
-    module = graft.load(module_dir)
-    with pytest.raises(UnsafeContentError, match="builtins.exec"):
-        module(torch.randn(1, 3, 16, 16))
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -160,36 +126,7 @@ def test_failed_export_leaves_nothing_behind(images, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-_SAVER = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-from conftest import TinyCNN
-import graft
-torch.manual_seed(0)
-model = TinyCNN()
-print("ready", flush=True)
-graft.save(model, {target!r}, name="killed", version="1.0.0",
-           signatures={{"classify": graft.Signature("forward", example_inputs=(torch.randn(2, 3, 16, 16),)),
-                       "features": graft.Signature("features", example_inputs=(torch.randn(2, 3, 16, 16),))}})
-print("saved", flush=True)
-"""
-
-
-@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
-def test_sigkill_during_save_never_leaves_a_half_module(tmp_path, delay):
-    target = tmp_path / "out" / "killed"
-    script = _SAVER.format(tests=str(Path(__file__).parents[1]), target=str(target))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                            env=env_with_src(), text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    if target.exists():  # finished before the kill: it must be whole
-        graft.load(target)
-    else:
-        assert not (tmp_path / "out").exists() or all(
-            p.name.startswith(".killed.partial-") for p in (tmp_path / "out").iterdir())
+# SIGKILL during save, at each named step (no timed kills): tests/hub/test_kill_points.py.
 
 
 def test_text_that_merely_looks_like_an_opcode_is_accepted(tiny_cnn, images, tmp_path):
@@ -198,11 +135,123 @@ def test_text_that_merely_looks_like_an_opcode_is_accepted(tiny_cnn, images, tmp
     assert graft.load(tmp_path / "m").asset_path("labels.txt").read_text() == "cat\ndog\nother\n"
 
 
-def test_the_store_refuses_a_pickle_asset_and_stores_nothing(module_dir, tmp_path):
-    marker = tmp_path / "pwned"
-    _replace_file(module_dir, "assets/labels.txt", pickle.dumps(_Payload(marker)))
-    store = graft.Store()
+# -- the pickle rule, file by file (format/files.py, format/tensorfile.py) --------------------
+
+
+class _Calls:
+    def __reduce__(self):
+        return (print, ("never",))
+
+
+@pytest.mark.parametrize("data", [
+    pickle.dumps(_Calls(), protocol=0),
+    pickle.dumps(_Calls(), protocol=0)[:-1],  # no STOP: the unpickler calls before it fails
+    pickle.dumps(_Calls(), protocol=1),
+    b"I1\n0" + pickle.dumps(_Calls(), protocol=0),  # starts with INT, POP
+    b"F2.5\n0" + pickle.dumps(_Calls(), protocol=0),  # starts with FLOAT
+    pickle.dumps(["benign"], protocol=0) + pickle.dumps(_Calls(), protocol=0),
+    b"cos\nsystem\n.",  # a complete pickle that imports
+    pickle.dumps(_Calls(), protocol=4),
+])
+def test_pickle_streams_are_refused_whatever_opcode_they_start_with(data):
+    from graft.format.files import refuse_code_or_pickle
+
     with pytest.raises(UnsafeContentError, match="pickle"):
-        store.add(module_dir)
-    assert store.list() == [] and not marker.exists()
-    assert not [p for p in store.root.rglob("*") if p.is_file() and "blobs" in p.parts]
+        refuse_code_or_pickle("assets/labels.txt", data)
+
+
+@pytest.mark.parametrize("text", [
+    b"cat\ndog\nother\n", b"cat\ndog\n", b"(cat)\n", b"I love it\n", b"N/A\nS\n", b"0\n1\n2\n",
+    b'{"model": {}}', b"", pickle.dumps([1, "plain data"], protocol=0),
+])
+def test_text_and_plain_data_are_accepted(text):
+    from graft.format.files import refuse_code_or_pickle
+
+    refuse_code_or_pickle("assets/labels.txt", text)
+
+
+def test_a_declared_huge_opcode_argument_allocates_nothing(tmp_path):
+    """BINUNICODE8 declaring 2^60 bytes: the scan reads what the file holds, no more."""
+    from graft.format.files import check_file
+
+    path = tmp_path / "x.txt"
+    path.write_bytes(b"\x8d" + struct.pack("<Q", 1 << 60) + b"abc")
+    check_file(path, "assets/x.txt")  # decodes nothing complete: accepted, quickly
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data", [
+    _zip({"a.txt": b"x" * (3 << 20), "model/data.pkl": b"\x80\x02N."}),  # past any prefix
+    _zip({"weights": pickle.dumps(1, protocol=2)}),  # a pickle under a plain name
+    _zip({"pytorch_model.bin": b"x"}),
+    b"prefix bytes " + _zip({"m/data.pkl": b"x"}),  # a zip that does not start the file
+    _zip({"m/data.pkl": b"x"})[:60],  # only a local header: no central directory at all
+])
+def test_zip_archives_holding_pickles_are_refused(data, tmp_path):
+    from graft.format.files import check_file, refuse_code_or_pickle
+
+    with pytest.raises(UnsafeContentError, match="zip"):
+        refuse_code_or_pickle("assets/archive.zip", data)
+    (tmp_path / "archive.zip").write_bytes(data)
+    with pytest.raises(UnsafeContentError, match="zip"):
+        check_file(tmp_path / "archive.zip", "assets/archive.zip")
+
+
+def test_a_zip_of_plain_data_is_accepted():
+    from graft.format.files import refuse_code_or_pickle
+
+    refuse_code_or_pickle("assets/vocab.zip", _zip({"vocab.txt": b"a\nb\n"}))
+
+
+def _header(tensors: dict, data: bytes, metadata: dict | None = None) -> bytes:
+    header = dict(tensors)
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+def test_a_real_safetensors_file_passes_the_structural_check(tmp_path):
+    from safetensors.torch import save_file
+
+    from graft.format.tensorfile import read_safetensors_header
+
+    save_file({"a": torch.zeros(3, 2), "b": torch.arange(5), "c": torch.ones(0)},
+              str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    header = read_safetensors_header(tmp_path / "w.safetensors")
+    assert header.tensors["a"].shape == (3, 2) and header.tensors["b"].dtype == "int64"
+    assert header.metadata == {"format": "pt"}
+
+
+@pytest.mark.parametrize("data, match", [
+    (_header({"a": F32x2}, b"\0" * 12), "trailing bytes"),
+    (_header({"a": F32x2, "b": {**F32x2, "data_offsets": [12, 20]}}, b"\0" * 20), "hole"),
+    (_header({"a": F32x2, "b": F32x2}, b"\0" * 8), "overlap"),
+    (_header({"a": {**F32x2, "shape": [3]}}, b"\0" * 8), "needs 12 bytes"),
+    (_header({"a": {**F32x2, "dtype": "C64"}}, b"\0" * 8), "dtype"),
+    (_header({"a": {**F32x2, "shape": [2, -1]}}, b"\0" * 8), "shape"),
+    (_header({"a": {**F32x2, "shape": [True, 2]}}, b"\0" * 8), "shape"),
+    (_header({"a": {**F32x2, "shape": [10**6] * 3}}, b"\0" * 8), "elements"),
+    (_header({"a": {**F32x2, "extra": 1}}, b"\0" * 8), "exactly the keys"),
+    (_header({"a": F32x2}, b"\0" * 8, metadata={"n": 1}), "__metadata__"),
+    (_header({"a": F32x2}, b"\0" * 8)[:-9], "past the end"),
+    (struct.pack("<Q", 10**12) + b"{}", "over the limit"),
+    (b"\x80\x04\x95", "shorter than"),
+    (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+    (struct.pack("<Q", 13) + b'{"a":1,"a":2}', "twice"),
+])
+def test_a_malformed_safetensors_file_is_refused_before_safetensors_reads_it(data, match):
+    from graft.format.tensorfile import parse_safetensors_header
+
+    with pytest.raises(FormatError, match=match):
+        parse_safetensors_header(data, len(data), what="w.safetensors")

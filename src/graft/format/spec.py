@@ -7,13 +7,31 @@ may take any size, but every input of one call must agree on it.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-
 from graft.errors import FormatError, SignatureError
+from graft.format.fields import (
+    check_relative_path,
+    expect_identifier,
+    expect_int,
+    expect_list,
+    expect_object,
+    expect_string,
+)
+from graft.format.limits import (
+    MAX_DIM_SIZE,
+    MAX_IMAGE_SIDE,
+    MAX_NAME_CHARS,
+    MAX_SIGNATURE_TENSORS,
+    MAX_TENSOR_ELEMENTS,
+    MAX_TENSOR_RANK,
+    MAX_TEXT_MAX_LENGTH,
+)
+from graft.format.structure import OUTPUT_NAME, check_structure
 
 __all__ = [
     "DTYPES",
@@ -21,6 +39,7 @@ __all__ = [
     "SignatureSpec",
     "TensorSpec",
     "TextPreprocess",
+    "VARIANTS",
     "dtype_name",
     "dtype_name_or_str",
     "preprocess_from_json",
@@ -31,10 +50,16 @@ DTYPES: frozenset[str] = frozenset({
     "float64", "float32", "float16", "bfloat16",
     "int64", "int32", "int16", "int8", "uint8", "bool",
 })
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: The program variants a signature may have (see docs/format.md).
+VARIANTS = ("eval", "train", "train_frozen_bn")
+#: Interpolations image preprocessing may name.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 # A derived dimension (an expression of named ones, e.g. "2*seq") is recorded but not checked.
-_DERIVED = re.compile(r"^[A-Za-z0-9_+\-*/() ]+$")
-_SPEC = re.compile(r"^\s*([a-z0-9]+)\s*\[(.*)\]\s*$")
+# It holds a letter (a bare number would read back as a fixed size) and no space.
+_DERIVED = re.compile(r"[A-Za-z0-9_+\-*/()]*[A-Za-z_][A-Za-z0-9_+\-*/()]*", re.ASCII)
+_SPEC = re.compile(r" *([a-z0-9]+) *\[([^\[\]]*)\] *", re.ASCII)
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
 
 
 def dtype_name(dtype: Any) -> str:
@@ -60,31 +85,50 @@ class TensorSpec:
     shape: tuple[int | str, ...]
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise FormatError(f"tensor spec dtype {self.dtype!r} is unknown; expected one of "
-                              f"{sorted(DTYPES)}")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            raise FormatError(f"tensor spec dtype {self.dtype!r:.80} is unknown; expected one "
+                              f"of {sorted(DTYPES)}")
+        if not isinstance(self.shape, (tuple, list)) or len(self.shape) > MAX_TENSOR_RANK:
+            raise FormatError(f"tensor spec shape {self.shape!r:.80} must be a sequence of at "
+                              f"most {MAX_TENSOR_RANK} dimensions")
         object.__setattr__(self, "shape", tuple(self.shape))
+        elements = 1
         for dim in self.shape:
             if isinstance(dim, bool) or not isinstance(dim, (int, str)):
-                raise FormatError(f"tensor spec {self} has dimension {dim!r}; expected an int "
+                raise FormatError(f"tensor spec has dimension {dim!r:.80}; expected an int "
                                   "size or a dimension name")
-            if isinstance(dim, int) and dim < 0:
-                raise FormatError(f"tensor spec {self} has a negative dimension {dim}")
-            if isinstance(dim, str) and not (_NAME.match(dim) or _DERIVED.match(dim)):
-                raise FormatError(f"tensor spec dimension name {dim!r} is not an identifier")
+            if isinstance(dim, int):
+                if not 0 <= dim <= MAX_DIM_SIZE:
+                    raise FormatError(f"tensor spec {self} has dimension {dim}; a fixed size "
+                                      f"must be between 0 and {MAX_DIM_SIZE}")
+                elements *= dim
+            # A derived dimension ("2*seq") is recorded but not checked; it holds a letter (a
+            # bare number would read back as a fixed size) and no space or comma.
+            elif len(dim) > MAX_NAME_CHARS or not (_NAME.fullmatch(dim)
+                                                   or _DERIVED.fullmatch(dim)):
+                raise FormatError(f"tensor spec dimension name {dim!r:.80} is not an identifier "
+                                  "or an expression of identifiers")
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise FormatError(f"tensor spec {self} has more than {MAX_TENSOR_ELEMENTS} "
+                              "elements")
 
     @classmethod
     def parse(cls, text: str) -> TensorSpec:
         """Parse ``"float32[batch,3,224,224]"``; ``"float32[]"`` is a scalar."""
-        match = _SPEC.match(text)
+        match = _SPEC.fullmatch(text) if isinstance(text, str) and len(text) < 4096 else None
         if not match:
-            raise FormatError(f"tensor spec {text!r} is malformed; expected dtype[dims], "
+            raise FormatError(f"tensor spec {text!r:.80} is malformed; expected dtype[dims], "
                               "e.g. 'float32[batch,3,224,224]'")
         dims: list[int | str] = []
-        body = match.group(2).strip()
+        body = match.group(2).strip(" ")
         for part in body.split(",") if body else []:
-            part = part.strip()
-            dims.append(int(part) if part.isdigit() else part)
+            part = part.strip(" ")
+            if part.startswith("-") and _DIGITS.fullmatch(part[1:]):
+                raise FormatError(f"tensor spec {text!r:.80} has a negative dimension {part}")
+            if _DIGITS.fullmatch(part) and len(part) > 20:
+                raise FormatError(f"tensor spec {text!r:.80} has a dimension of {len(part)} "
+                                  "digits")
+            dims.append(int(part) if _DIGITS.fullmatch(part) else part)
         return cls(match.group(1), tuple(dims))
 
     @classmethod
@@ -126,7 +170,7 @@ class TensorSpec:
             for axis, (want, have) in enumerate(zip(self.shape, value.shape)):
                 if isinstance(want, int) and want != have:
                     fixes.append(f"dimension {axis} must be {want}, not {have}")
-                elif isinstance(want, str) and _NAME.match(want):
+                elif isinstance(want, str) and _NAME.fullmatch(want):
                     seen = bound.setdefault(want, have)
                     if seen != have:
                         fixes.append(f"dimension {axis} ('{want}') is {have} here but {seen} "
@@ -174,16 +218,23 @@ class ImagePreprocess:
     kind: str = field(default="image", init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if self.size <= 0 or self.resize < self.size:
-            raise FormatError(f"image preprocessing needs 0 < size <= resize, got "
-                              f"size={self.size}, resize={self.resize}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise FormatError("image preprocessing needs three means and three positive stds")
-        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
-            raise FormatError(f"image interpolation {self.interpolation!r} is unknown; "
-                              "expected bilinear, bicubic or nearest")
+        expect_int(self.size, "image preprocessing size", low=1, high=MAX_IMAGE_SIDE)
+        expect_int(self.resize, "image preprocessing resize", low=1, high=MAX_IMAGE_SIDE)
+        if self.resize < self.size:
+            raise FormatError(f"image preprocessing needs size <= resize (it crops the "
+                              f"resized image), got size={self.size}, resize={self.resize}")
+        for what in ("mean", "std"):
+            values = getattr(self, what)
+            if (not isinstance(values, (tuple, list)) or len(values) != 3
+                    or not all(_real(v) for v in values)):
+                raise FormatError(f"image preprocessing {what} must be three finite numbers, "
+                                  f"one per RGB channel, got {values!r:.80}")
+            object.__setattr__(self, what, tuple(float(v) for v in values))
+        if min(self.std) <= 0:
+            raise FormatError(f"image preprocessing std must be positive, got {self.std}")
+        if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
+            raise FormatError(f"image interpolation {self.interpolation!r:.80} is unknown; "
+                              f"expected one of {INTERPOLATIONS}")
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "image", "size": self.size, "resize": self.resize,
@@ -204,12 +255,12 @@ class TextPreprocess:
     kind: str = field(default="text", init=False)
 
     def __post_init__(self) -> None:
-        if not self.tokenizer.startswith("assets/"):
-            raise FormatError(f"text preprocessing tokenizer {self.tokenizer!r} must be a "
+        if not isinstance(self.tokenizer, str) or not self.tokenizer.startswith("assets/"):
+            raise FormatError(f"text preprocessing tokenizer {self.tokenizer!r:.80} must be a "
                               "path under assets/")
-        if self.max_length < 1:
-            raise FormatError(f"text preprocessing max_length must be >= 1, got "
-                              f"{self.max_length}")
+        check_relative_path(self.tokenizer)
+        expect_int(self.max_length, "text preprocessing max_length", low=1,
+                   high=MAX_TEXT_MAX_LENGTH)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "text", "tokenizer": self.tokenizer, "max_length": self.max_length}
@@ -222,18 +273,26 @@ def preprocess_from_json(data: Mapping[str, Any] | None) -> Preprocess | None:
     """Build a preprocessing step from its manifest form."""
     if data is None:
         return None
-    if not isinstance(data, Mapping):
-        raise FormatError(f"preprocess must be an object, got {data!r}")
-    fields = {k: v for k, v in data.items() if k != "kind"}
-    try:
-        if data.get("kind") == "image":
-            return ImagePreprocess(**fields)
-        if data.get("kind") == "text":
-            return TextPreprocess(**fields)
-    except TypeError as exc:
-        raise FormatError(f"preprocess {dict(data)!r} is malformed: {exc}") from None
-    raise FormatError(f"preprocess kind {data.get('kind')!r} is unknown; expected 'image' "
+    data = expect_object(data, "preprocess", required=("kind",),
+                         optional=("size", "resize", "mean", "std", "interpolation",
+                                   "tokenizer", "max_length"))
+    if data["kind"] == "image":
+        data = expect_object(data, "image preprocess",
+                             required=("kind", "size", "resize", "mean", "std"),
+                             optional=("interpolation",))
+        return ImagePreprocess(data["size"], data["resize"], data["mean"], data["std"],
+                               data.get("interpolation", "bilinear"))
+    if data["kind"] == "text":
+        data = expect_object(data, "text preprocess",
+                             required=("kind", "tokenizer", "max_length"))
+        return TextPreprocess(data["tokenizer"], data["max_length"])
+    raise FormatError(f"preprocess kind {data['kind']!r:.80} is unknown; expected 'image' "
                       "or 'text'")
+
+
+def _real(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 @dataclass(frozen=True)
@@ -248,6 +307,8 @@ class SignatureSpec:
         description: One line for people.
         dims: Bounds of named dimensions the program is valid for, e.g. ``{"seq": (1, 512)}``
             when a position table has 512 rows (``None``: unbounded above).
+        structure: How the outputs nest in what a call returns (see ``format/structure.py``);
+            ``None``: one output is returned bare, several as a dict by name.
     """
 
     inputs: Mapping[str, TensorSpec]
@@ -256,27 +317,60 @@ class SignatureSpec:
     preprocess: Preprocess | None = None
     description: str = ""
     dims: Mapping[str, tuple[int, int | None]] = field(default_factory=dict)
+    structure: Any = None
 
     def __post_init__(self) -> None:
         for what in ("inputs", "outputs"):
             specs = getattr(self, what)
+            if not isinstance(specs, Mapping) or len(specs) > MAX_SIGNATURE_TENSORS:
+                raise FormatError(f"signature {what} must be a mapping of at most "
+                                  f"{MAX_SIGNATURE_TENSORS} names to specs")
             for key in specs:
-                if not _NAME.match(key):
+                if isinstance(key, str) and len(key) > MAX_NAME_CHARS:
+                    raise FormatError(f"signature {what[:-1]} name {key[:40]!r}... is longer "
+                                      f"than {MAX_NAME_CHARS} characters")
+                # Outputs flattened from nested containers are dotted: hidden_states.0
+                rule = _NAME if what == "inputs" else OUTPUT_NAME
+                if not isinstance(key, str) or not rule.fullmatch(key):
                     raise FormatError(f"signature {what[:-1]} name {key!r} is not an "
                                       "identifier")
             object.__setattr__(self, what, {k: TensorSpec.of(v) for k, v in specs.items()})
         if not self.inputs or not self.outputs:
             raise FormatError("a signature needs at least one input and one output")
-        if "eval" not in self.programs:
-            raise FormatError(f"a signature needs an 'eval' program, got {sorted(self.programs)}")
+        if not isinstance(self.programs, Mapping) or "eval" not in self.programs:
+            raise FormatError(f"a signature needs an 'eval' program, got {self.programs!r:.200}")
+        for variant, rel in self.programs.items():
+            if variant not in VARIANTS:
+                raise FormatError(f"program variant {variant!r:.80} is unknown; expected one of "
+                                  f"{VARIANTS}")
+            check_relative_path(rel)
+            if not (rel.startswith("programs/") and rel.endswith(".json")):
+                raise FormatError(f"program {rel!r} must be a .json file under programs/")
         object.__setattr__(self, "programs", dict(self.programs))
+        expect_string(self.description, "signature description")
+        if not isinstance(self.dims, Mapping):
+            raise FormatError(f"signature dims must be a mapping, got {self.dims!r:.80}")
         dims = {}
         for key, bounds in self.dims.items():
+            expect_identifier(key, "bounded dimension")
+            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+                raise FormatError(f"bounds of dimension {key!r} must be (min, max), got "
+                                  f"{bounds!r:.80}")
             low, high = bounds
-            if not isinstance(low, int) or (high is not None and not isinstance(high, int)):
-                raise FormatError(f"bounds of dimension {key!r} must be integers, got {bounds!r}")
+            expect_int(low, f"dimension {key!r} min", low=0, high=MAX_DIM_SIZE)
+            if high is not None:
+                expect_int(high, f"dimension {key!r} max", low=low, high=MAX_DIM_SIZE)
             dims[key] = (low, high)
         object.__setattr__(self, "dims", dims)
+        if isinstance(self.preprocess, TextPreprocess) and len(self.inputs) < 2:
+            raise FormatError("text preprocessing feeds two inputs (token ids, attention mask); "
+                              f"this signature has {list(self.inputs)}")
+        if self.preprocess is not None and not isinstance(self.preprocess,
+                                                          (ImagePreprocess, TextPreprocess)):
+            raise FormatError(f"preprocess {self.preprocess!r:.80} is not image or text "
+                              "preprocessing")
+        if self.structure is not None:
+            check_structure(self.structure, list(self.outputs))
 
     def check_dims(self, sizes: Mapping[str, int]) -> None:
         """Raise ``SignatureError`` if a named dimension is outside the program's bounds."""
@@ -299,18 +393,33 @@ class SignatureSpec:
         }
         if self.preprocess is not None:
             out["preprocess"] = self.preprocess.to_json()
+        if self.structure is not None:
+            out["structure"] = self.structure
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SignatureSpec:
-        try:
-            return cls(
-                inputs={d["name"]: TensorSpec.from_json(d["spec"]) for d in data["inputs"]},
-                outputs={d["name"]: TensorSpec.from_json(d["spec"]) for d in data["outputs"]},
-                programs=data["programs"],
-                preprocess=preprocess_from_json(data.get("preprocess")),
-                description=data.get("description", ""),
-                dims={k: (v["min"], v["max"]) for k, v in data.get("dims", {}).items()},
-            )
-        except (KeyError, TypeError) as exc:
-            raise FormatError(f"signature entry is malformed ({exc!r}): {data!r}"[:500]) from None
+        data = expect_object(data, "signature", required=("inputs", "outputs", "programs"),
+                             optional=("preprocess", "description", "dims", "structure"))
+        tensors: dict[str, dict[str, TensorSpec]] = {}
+        for what in ("inputs", "outputs"):
+            tensors[what] = {}
+            for entry in expect_list(data[what], f"signature {what}",
+                                     max_items=MAX_SIGNATURE_TENSORS):
+                entry = expect_object(entry, f"signature {what[:-1]}", required=("name", "spec"))
+                name = expect_string(entry["name"], f"signature {what[:-1]} name",
+                                     max_chars=MAX_NAME_CHARS)
+                if name in tensors[what]:
+                    raise FormatError(f"signature {what[:-1]} {name!r} is listed twice")
+                tensors[what][name] = TensorSpec.from_json(entry["spec"])
+        programs = expect_object(data["programs"], "signature programs", optional=VARIANTS)
+        dims = {}
+        for key, bounds in expect_object(data.get("dims", {}), "signature dims",
+                                         optional=data.get("dims", {})).items():
+            bounds = expect_object(bounds, f"bounds of dimension {key!r:.80}",
+                                   required=("min", "max"))
+            dims[key] = (bounds["min"], bounds["max"])
+        return cls(inputs=tensors["inputs"], outputs=tensors["outputs"], programs=dict(programs),
+                   preprocess=preprocess_from_json(data.get("preprocess")),
+                   description=data.get("description", ""), dims=dims,
+                   structure=data.get("structure"))

@@ -1,8 +1,17 @@
-"""Declarative preprocessing: raw images and strings -> the tensors a signature takes."""
+"""Declarative preprocessing: raw images and strings -> the tensors a signature takes.
+
+Raw inputs are untrusted as much as modules are, and the work they can ask for is bounded
+(``graft.format.limits``): an image file must be a regular file (a FIFO would block the read
+forever) whose declared size is checked before it is decoded (a few-kilobyte PNG can declare
+a gigapixel image); a resize that an extreme aspect ratio would make huge is refused; a string
+is cut before it is tokenised, so memory stays bounded for a text of any length; and a
+tokenizer asset is read as strict JSON before the tokenizers library parses it.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -10,7 +19,10 @@ import numpy as np
 import torch
 
 from graft._extras import require
-from graft.errors import SignatureError
+from graft.errors import DataError, FormatError, SignatureError, UnsafeContentError
+from graft.format import jsonio
+from graft.format.files import open_regular, read_regular
+from graft.format.limits import MAX_IMAGE_PIXELS, MAX_TEXT_CHARS_PER_TOKEN, MAX_TOKENIZER_BYTES
 from graft.format.spec import ImagePreprocess, TextPreprocess
 
 __all__ = ["image_preprocessor", "load_image", "text_preprocessor"]
@@ -26,16 +38,7 @@ def load_image(source: Any) -> Any:
     """
     image_mod = require("PIL.Image", "image", "Image preprocessing")
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        try:
-            with image_mod.open(path) as img:
-                img.load()
-                source = img.copy()
-        except FileNotFoundError:
-            raise SignatureError(f"image file {path} does not exist") from None
-        except (image_mod.UnidentifiedImageError, OSError, ValueError) as exc:
-            raise SignatureError(f"{path} is not a readable image ({exc}); give a PNG, JPEG or "
-                                 "other format Pillow reads") from None
+        source = _read_image_file(Path(source), image_mod)
     if isinstance(source, np.ndarray):
         source = _array_to_image(source, image_mod)
     if not isinstance(source, image_mod.Image):
@@ -47,6 +50,40 @@ def load_image(source: Any) -> Any:
         raise SignatureError(f"image is {source.width}x{source.height}; it must be at least "
                              "1x1")
     return source.convert("RGB")
+
+
+def _read_image_file(path: Path, image_mod: Any) -> Any:
+    """Decode an image file, refusing non-regular files and decompression bombs."""
+    try:
+        stream = open_regular(path, what=f"image file {path}")
+    except (FileNotFoundError, NotADirectoryError):
+        raise SignatureError(f"image file {path} does not exist") from None
+    except UnsafeContentError as exc:
+        raise DataError(f"{exc}; give the path of an image file") from None
+    with stream, warnings.catch_warnings():
+        # Pillow warns past its own threshold; the limit below is lower and raises instead.
+        warnings.simplefilter("ignore", image_mod.DecompressionBombWarning)
+        try:
+            with image_mod.open(stream) as img:
+                _check_pixels(img.width, img.height, f"image file {path} declares")
+                img.load()
+                return img.copy()
+        except DataError:
+            raise
+        except image_mod.DecompressionBombError as exc:
+            raise DataError(f"image file {path} is refused: {exc}") from None
+        except (image_mod.UnidentifiedImageError, OSError, ValueError, SyntaxError,
+                EOFError) as exc:
+            raise SignatureError(f"{path} is not a readable image ({exc}); give a PNG, JPEG or "
+                                 "other format Pillow reads") from None
+
+
+def _check_pixels(width: int, height: int, what: str) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{what} {width}x{height} pixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS} (graft.format.limits.MAX_IMAGE_PIXELS); downscale "
+                        "it first (a small file can declare a huge image: a decompression "
+                        "bomb)")
 
 
 def _array_to_image(array: np.ndarray, image_mod: Any) -> Any:
@@ -81,6 +118,7 @@ def image_preprocessor(spec: ImagePreprocess, input_name: str) -> Preprocessor:
         img = load_image(source)
         scale = spec.resize / min(img.width, img.height)
         size = (max(spec.size, round(img.width * scale)), max(spec.size, round(img.height * scale)))
+        _check_pixels(*size, f"resizing a {img.width}x{img.height} image gives")
         img = img.resize(size, resample)
         left, top = (size[0] - spec.size) // 2, (size[1] - spec.size) // 2
         img = img.crop((left, top, left + spec.size, top + spec.size))
@@ -97,12 +135,33 @@ def image_preprocessor(spec: ImagePreprocess, input_name: str) -> Preprocessor:
     return run
 
 
+def _read_tokenizer(path: Path, tokenizers: Any) -> Any:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json``, or a FormatError saying why not."""
+    what = f"tokenizer {path.name}"
+    try:
+        raw = read_regular(path, what=what, max_bytes=MAX_TOKENIZER_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FormatError(f"{what} does not exist at {path}") from None
+    data = jsonio.loads(raw, what=what, max_bytes=MAX_TOKENIZER_BYTES)
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise FormatError(f"{what} is not a Hugging Face tokenizers JSON file (it has no "
+                          "'model' object); save one with `tokenizer.save('tokenizer.json')`")
+    try:
+        return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+        raise FormatError(f"{what} is not a tokenizer the tokenizers library can read "
+                          f"({str(exc)[:200]}); save one with `tokenizer.save('tokenizer.json')`"
+                          ) from None
+
+
 def text_preprocessor(spec: TextPreprocess, tokenizer_path: Path,
                       input_names: Sequence[str]) -> Preprocessor:
     """A function: string or list of strings -> token ids and attention mask (int64, (B, T))."""
     tokenizers = require("tokenizers", "text", "Text preprocessing")
-    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_path))
+    tokenizer = _read_tokenizer(Path(tokenizer_path), tokenizers)
     tokenizer.enable_truncation(max_length=spec.max_length)
+    # Truncation keeps max_length tokens; cutting the string first keeps tokenising bounded.
+    max_chars = spec.max_length * MAX_TEXT_CHARS_PER_TOKEN
     padding = tokenizer.padding or {}
     tokenizer.enable_padding(pad_id=padding.get("pad_id", 0),
                              pad_token=padding.get("pad_token", "[PAD]"))
@@ -118,7 +177,7 @@ def text_preprocessor(spec: TextPreprocess, tokenizer_path: Path,
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
         if bad:
             raise SignatureError(f"text input must be strings, got {bad[0]}")
-        encodings = tokenizer.encode_batch(texts)
+        encodings = tokenizer.encode_batch([t[:max_chars] for t in texts])
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)
         return {ids_name: ids, mask_name: mask}
