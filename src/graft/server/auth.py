@@ -32,7 +32,7 @@ __all__ = ["ANONYMOUS", "Credentials", "Grant", "authorize", "create_token", "pa
 #: what an anonymous request may do (public pulls) and nothing else.
 ANONYMOUS = "anonymous"
 SCOPES = ("pull", "push")
-_TOKEN = re.compile(r"^graft_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+_TOKEN = re.compile(r"graft_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def parse_token(db: Database, token: str) -> Grant | None:
     """
     if token == ANONYMOUS:
         return None
-    match = _TOKEN.match(token)
+    match = _TOKEN.fullmatch(token)
     row = db.row("SELECT hash, namespace, scope FROM tokens WHERE id = ?",
                  match.group(1)) if match else None
     expected = row["hash"] if row else _hash("0" * 16, "x")

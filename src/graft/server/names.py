@@ -29,10 +29,10 @@ MAX_NAME_LENGTH = 255
 #: Namespaces that would shadow the server's own pages and APIs.
 RESERVED_NAMESPACES = frozenset({"v2", "api", "static", "search", "healthz", "token"})
 
-_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_UPLOAD = re.compile(r"^[0-9a-f]{32}$")
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_UPLOAD = re.compile(r"[0-9a-f]{32}")
 
 
 def _refuse(code: str, message: str) -> RequestRefused:
@@ -58,7 +58,7 @@ def check_repository(name: str) -> str:
         if part in ("", ".", ".."):
             raise _refuse("NAME_INVALID", f"repository name {name!r} has an empty, '.' or '..' "
                           "component")
-        if not _COMPONENT.match(part):
+        if not _COMPONENT.fullmatch(part):
             raise _refuse("NAME_INVALID", f"repository name component {part!r} is invalid; use "
                           "lowercase letters and digits, separated by '.', '_', '__' or '-'")
     check_namespace(parts[0])
@@ -67,7 +67,7 @@ def check_repository(name: str) -> str:
 
 def check_namespace(namespace: str) -> str:
     """Return ``namespace`` if it is one valid, unreserved name component."""
-    if len(namespace) > MAX_NAME_LENGTH or not _COMPONENT.match(namespace):
+    if len(namespace) > MAX_NAME_LENGTH or not _COMPONENT.fullmatch(namespace):
         raise _refuse("NAME_INVALID", f"namespace {namespace[:80]!r} is invalid; use lowercase "
                       "letters and digits, separated by '.', '_', '__' or '-'")
     if namespace in RESERVED_NAMESPACES:
@@ -83,7 +83,7 @@ def namespace_of(repository: str) -> str:
 
 def check_tag(tag: str) -> str:
     """Return ``tag`` if it follows the OCI tag grammar (at most 128 characters)."""
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise _refuse("TAG_INVALID", f"tag {tag[:140]!r} is invalid; use up to 128 letters, "
                       "digits, '_', '.' and '-', not starting with '.' or '-'")
     return tag
@@ -91,7 +91,7 @@ def check_tag(tag: str) -> str:
 
 def check_digest(digest: str) -> str:
     """Return ``digest`` if it is ``sha256:<64 lowercase hex>`` (the only algorithm served)."""
-    if not _DIGEST.match(digest):
+    if not _DIGEST.fullmatch(digest):
         raise _refuse("DIGEST_INVALID", f"digest {digest[:80]!r} is invalid; this registry "
                       "accepts 'sha256:' followed by 64 lowercase hex digits")
     return digest
@@ -99,6 +99,6 @@ def check_digest(digest: str) -> str:
 
 def check_upload_id(upload: str) -> str:
     """Return ``upload`` if it has the shape of an id this server hands out."""
-    if not _UPLOAD.match(upload):
+    if not _UPLOAD.fullmatch(upload):
         raise RequestRefused(404, "BLOB_UPLOAD_UNKNOWN", f"upload {upload[:80]!r} is unknown")
     return upload

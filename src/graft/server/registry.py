@@ -39,7 +39,7 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 _IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 _INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 LATEST = "latest"
-_VERSION_PARTS = re.compile(r"^(\d+(?:\.\d+){0,2})(?:-([^+]*))?(?:\+.*)?$")
+_VERSION_PARTS = re.compile(r"(\d+(?:\.\d+){0,2})(?:-([^+]*))?(?:\+.*)?")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def is_version_tag(tag: str) -> bool:
 
 def version_key(version: str) -> tuple[Any, ...]:
     """Sort key of a Graft version: numbers numerically, a ``-pre`` release before its release."""
-    match = _VERSION_PARTS.match(version)
+    match = _VERSION_PARTS.fullmatch(version)
     if match is None:
         return (-1, -1, -1, 0, version)
     numbers = [int(p) for p in match.group(1).split(".")]
