@@ -99,7 +99,7 @@ class Descriptor:
         media, digest, size = data.get("mediaType"), data.get("digest"), data.get("size")
         if not isinstance(media, str) or not 0 < len(media) <= 255:
             raise FormatError(f"{what} has no valid mediaType")
-        if not isinstance(digest, str) or not _DIGEST.match(digest):
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
             raise FormatError(f"{what} has digest {str(digest)[:80]!r}; expected 'sha256:' and "
                               "64 lowercase hex digits")
         if type(size) is not int or not 0 <= size <= _MAX_BLOB:

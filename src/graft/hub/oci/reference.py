@@ -83,7 +83,7 @@ def parse_reference(text: str) -> Reference:
     registry, slash, path = rest.partition("/")
     if not slash or not path:
         raise HandleError(f"registry reference {text!r} names no repository; {_FORM}")
-    match = _HOST.match(registry)
+    match = _HOST.fullmatch(registry)
     if match is None or (match.group(1) is not None and not 0 < int(match.group(1)) < 65536):
         raise HandleError(f"registry reference {text!r} has a malformed host {registry!r}; "
                           f"{_FORM}")
@@ -92,18 +92,18 @@ def parse_reference(text: str) -> Reference:
     tag = digest = None
     if "@" in path:
         path, _, digest = path.partition("@")
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise HandleError(f"registry reference {text!r} has a malformed digest {digest!r}; "
                               "expected 'sha256:' and 64 lowercase hex digits")
     else:
         last = path.rsplit("/", 1)[-1]
         if ":" in last:
             path, _, tag = path.rpartition(":")
-            if not _TAG.match(tag):
+            if not _TAG.fullmatch(tag):
                 raise HandleError(f"registry reference {text!r} has a malformed tag {tag!r}; "
                                   "a tag is up to 128 letters, digits, '_', '.' or '-'")
     components = path.split("/")
-    if len(path) > _MAX_REPOSITORY or not all(_COMPONENT.match(c) for c in components):
+    if len(path) > _MAX_REPOSITORY or not all(_COMPONENT.fullmatch(c) for c in components):
         raise HandleError(f"registry reference {text!r} has a malformed repository {path!r}; "
                           "each '/'-separated part is lowercase letters and digits, joined by "
                           f"'.', '_' or '-'; {_FORM}")
