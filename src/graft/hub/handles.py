@@ -6,7 +6,9 @@ Three kinds:
   the local store;
 - path: a module directory, given as a ``pathlib.Path``, a string that is absolute or starts
   with ``./``, ``../`` or ``~`` or contains ``/``, or a ``file://`` URL;
-- url: ``http://`` or ``https://`` (a remote registry).
+- url: ``http://`` or ``https://`` (a remote registry);
+- oci: ``oci://host[:port]/ns/name[:tag|@sha256:<hex>]``, a module on an OCI registry
+  (``graft.hub.oci`` pulls it; ``name`` is the repository's last part, ``url`` the reference).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from graft.format.manifest import validate_name, validate_version
 
 __all__ = ["Handle", "is_store_handle", "parse_handle"]
 
-_KINDS = ("store", "path", "url")
+_KINDS = ("store", "path", "url", "oci")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _ACCEPTED = ("accepted forms: 'name' (latest version), 'name@1.0.0', 'name@sha256:<64 hex>', "
@@ -35,12 +37,12 @@ class Handle:
     """A parsed handle.
 
     Args:
-        kind: ``"store"``, ``"path"`` or ``"url"``.
+        kind: ``"store"``, ``"path"``, ``"url"`` or ``"oci"``.
         name: The module name (store handles; url handles whose last part names one).
         version: The pinned version, if any.
         digest: The pinned ``sha256:<hex>`` digest, if any.
         path: The module directory (path handles), with ``~`` expanded.
-        url: The URL (url handles).
+        url: The URL (url handles; the normalised reference for oci handles).
     """
 
     kind: str
@@ -57,11 +59,11 @@ class Handle:
             raise HandleError("a store handle needs a module name")
         if self.kind == "path" and self.path is None:
             raise HandleError("a path handle needs a path")
-        if self.kind == "url" and self.url is None:
-            raise HandleError("a url handle needs a URL")
+        if self.kind in ("url", "oci") and self.url is None:
+            raise HandleError(f"a {self.kind} handle needs a URL")
         if self.version is not None and self.digest is not None:
             raise HandleError("a handle pins either a version or a digest, not both")
-        if self.digest is not None and not _DIGEST.match(self.digest):
+        if self.digest is not None and not _DIGEST.fullmatch(self.digest):
             raise HandleError(f"digest {self.digest!r} is malformed; expected 'sha256:' and 64 "
                               "lowercase hex digits")
 
@@ -73,7 +75,7 @@ class Handle:
     def __str__(self) -> str:
         if self.kind == "path":
             return str(self.path)
-        if self.kind == "url":
+        if self.kind in ("url", "oci"):
             return str(self.url)
         pin = self.version or self.digest
         return f"{self.name}@{pin}" if pin else str(self.name)
@@ -106,6 +108,11 @@ def parse_handle(text: str | os.PathLike[str] | Handle) -> Handle:
         return _parse_url(text)
     if scheme == "file":
         return _parse_file_url(text)
+    if scheme == "oci":
+        from graft.hub.oci.reference import parse_reference
+
+        ref = parse_reference(text)  # an OCI registry: graft.hub.oci pulls it
+        return Handle("oci", name=ref.name, url=str(ref))
     if scheme:
         raise HandleError(f"handle {text!r} uses the unsupported scheme {scheme!r}; "
                           f"{_ACCEPTED}")
@@ -138,7 +145,7 @@ def _parse_store(text: str) -> Handle:
         return Handle("store", name=name)
     if pin.lower().startswith("sha256:"):
         digest = pin.lower()
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise HandleError(f"handle {text!r} has a malformed digest; expected "
                               f"'{name}@sha256:' followed by 64 hex digits; {_ACCEPTED}")
         return Handle("store", name=name, digest=digest)

@@ -2,45 +2,38 @@
 
 Layout under the root (``$GRAFT_HOME``, default ``~/.cache/graft``)::
 
-    blobs/sha256/<2 hex>/<hex>   content-addressed file blobs, read-only
-    modules/<digest hex>/        one tree per module: its files (hard links to the blobs, or
-                                 copies where links fail) and its graft.json; the loader opens
-                                 it as an ordinary module directory
-    index.sqlite                 which modules are stored (SQLite, WAL mode)
-    tmp/                         staging, on the same filesystem so renames are atomic
+    blobs/sha256/<2 hex>/<hex>   content-addressed file blobs, read-only (hub/blobs.py)
+    modules/<digest hex>/        one tree per module: hard links to its blobs (copies where
+                                 links fail) and its graft.json (hub/trees.py)
+    index.sqlite                 which modules are stored, and what was removed (hub/index.py)
+    leases/<digest hex>          a shared flock per process that has the module loaded
+    tmp/                         work and staging folders (hub/staging.py)
     lock                         held by every writer
 
 Writers take the lock and publish in an order that keeps every state a reader can reach
 complete: blobs first (temp file, fsync, rename), then the module tree (one rename), then the
-index row, in one transaction. Removal runs the other way round: index row first. Readers never
-lock: a module is reachable only through its index row, and they check its tree cheaply on
-every read (verify-on-read).
+index row, in one transaction. Removal takes the row out first, and deletes the tree only
+when no process holds its lease. Readers never take the writer lock; they check the tree on
+every read (docs/store.md says how), and an index that is lost or corrupt is rebuilt from the
+trees, each validated again.
 """
 
 from __future__ import annotations
 
-import difflib
-import errno
-import hashlib
+import dataclasses
 import json
 import os
-import re
-import secrets
-import shutil
 import sqlite3
-import stat
-import sys
-import time
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
-from filelock import FileLock, Timeout
-
+from graft._testing import stop_point
 from graft.errors import (
     FormatError,
+    GraftError,
     HandleError,
     IntegrityError,
     ModuleNotFound,
@@ -48,47 +41,21 @@ from graft.errors import (
     VersionConflict,
 )
 from graft._sqlite import transaction
-from graft.hub.handles import Handle, parse_handle
-from graft.format.validate import check_module
-from graft._fs import sha256_file
-from graft.format.manifest import MANIFEST_NAME, FileEntry, Manifest, Parent
+from graft.format.manifest import MANIFEST_NAME, Manifest, Parent
+from graft.hub import index, leases, staging
+from graft.hub.gc import TREE_NAME, GcReport, adopt, collect, delete_unused_tree
+from graft.hub.blobs import check_sources, open_regular
+from graft.hub.install import install
+from graft.hub.handles import Handle
+from graft.hub.lookup import HOW_TO_ADD, find, hex_of, store_handle, version_key
+from graft.hub.trees import check_tree
 from graft.settings import graft_home
-
-try:
-    import fcntl
-except ImportError:  # Windows: staging directories are then reaped by age only
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["GcReport", "Store", "StoredModule"]
 
-_CHUNK = 4 << 20
+_T = TypeVar("_T")
+
 _LOCK_TIMEOUT = 600.0  # seconds a writer waits for another writer before giving up
-_BUSY_TIMEOUT = 60.0  # seconds SQLite waits on a busy database
-_STALE_AFTER = 600.0  # seconds after which an unrecognised tmp entry counts as abandoned
-_ADD_PREFIX = "add-"  # tmp entries created under the writer lock
-_STAGE_PREFIX = "stage-"  # tmp entries handed out by Store.staging(), each with a .lock file
-_HOW_TO_ADD = ("add one with `graft add DIR` (a module directory) or `graft import NAME` "
-               "(a pretrained importer)")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS modules (
-    digest  TEXT PRIMARY KEY,   -- 'sha256:<hex>' of the canonical manifest
-    name    TEXT NOT NULL,
-    version TEXT NOT NULL,
-    created TEXT NOT NULL,      -- UTC, ISO 8601
-    size    INTEGER NOT NULL,   -- bytes of the module's files
-    parents TEXT NOT NULL,      -- JSON list of {"handle", "digest"}
-    UNIQUE (name, version)
-);
-CREATE TABLE IF NOT EXISTS files (
-    module TEXT NOT NULL,       -- modules.digest
-    path   TEXT NOT NULL,
-    sha256 TEXT NOT NULL,       -- the blob
-    size   INTEGER NOT NULL,
-    PRIMARY KEY (module, path)
-);
-CREATE INDEX IF NOT EXISTS files_by_sha256 ON files (sha256);
-"""
-_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -103,6 +70,7 @@ class StoredModule:
         created: When it was added, UTC ISO 8601.
         size: Total bytes of its files.
         parents: The modules it was derived from.
+        damage: Why its tree is damaged, when :meth:`Store.list` was asked to check.
     """
 
     name: str
@@ -112,6 +80,8 @@ class StoredModule:
     created: str
     size: int
     parents: tuple[Parent, ...] = ()
+    damage: str | None = None
+    lease: leases.Lease | None = field(default=None, compare=False, repr=False)
 
     @property
     def handle(self) -> str:
@@ -126,23 +96,6 @@ class StoredModule:
     def manifest(self) -> Manifest:
         """Read the module's ``graft.json``."""
         return Manifest.read(self.path)
-
-
-@dataclass(frozen=True)
-class GcReport:
-    """What :meth:`Store.gc` removed.
-
-    Args:
-        blobs_removed: Blobs that no indexed module referenced.
-        bytes_freed: Bytes given back to the filesystem (last links only).
-        tmp_removed: Abandoned entries of ``tmp/``.
-        trees_removed: Module trees without an index row (left by an interrupted add).
-    """
-
-    blobs_removed: int
-    bytes_freed: int
-    tmp_removed: int
-    trees_removed: int = 0
 
 
 class Store:
@@ -161,21 +114,11 @@ class Store:
 
     # -- layout ----------------------------------------------------------------------------
 
-    @property
-    def _blobs(self) -> Path:
-        return self.root / "blobs" / "sha256"
-
-    @property
-    def _modules(self) -> Path:
-        return self.root / "modules"
-
-    @property
-    def _tmp(self) -> Path:
-        return self.root / "tmp"
-
-    @property
-    def _index(self) -> Path:
-        return self.root / "index.sqlite"
+    _blobs = property(lambda self: self.root / "blobs" / "sha256")
+    _modules = property(lambda self: self.root / "modules")
+    _tmp = property(lambda self: self.root / "tmp")
+    _leases = property(lambda self: self.root / "leases")
+    _index = property(lambda self: self.root / "index.sqlite")
 
     def blob_path(self, sha256: str) -> Path:
         """Where the blob with this hex sha256 lives (whether or not it exists)."""
@@ -183,54 +126,63 @@ class Store:
 
     def module_path(self, digest: str) -> Path:
         """Where the tree of the module with this ``sha256:<hex>`` digest lives."""
-        return self._modules / _hex_of(digest)
+        return self._modules / hex_of(digest)
 
     # -- writing ---------------------------------------------------------------------------
 
     def add(self, directory: str | os.PathLike[str]) -> StoredModule:
         """Copy a module directory into the store.
 
-        Every file is checked against the manifest (size and sha256) before anything is
-        written. Adding a module that is already stored returns the stored entry, and repairs
-        the stored copy first if it was damaged.
+        Every file is checked against the manifest (type, size and sha256) and every program
+        is validated before anything is written. Adding a module that is already stored
+        returns the stored entry, and repairs the stored copy first if it was damaged.
 
         Args:
             directory: A module directory (holding ``graft.json``). Only ``graft.json`` and the
                 files its manifest lists are taken.
 
-        Returns:
-            The stored module.
-
         Raises:
             ModuleNotFound: ``directory`` is not a module directory.
             IntegrityError: a file is missing, truncated or altered.
-            UnsafeContentError: a listed file is a link, escapes the directory, or is code or
-                a pickle.
+            UnsafeContentError: a listed file is a link, a FIFO, a device or another special
+                file, is hard linked from outside the directory, or is code or a pickle.
             VersionConflict: another module is stored under the same name and version.
         """
         source = Path(directory).expanduser()
         if not source.is_dir():
             raise ModuleNotFound(f"add: {str(source)!r} is not a directory; pass a module "
                                  f"directory (one holding {MANIFEST_NAME})")
+        if (source / MANIFEST_NAME).exists() or (source / MANIFEST_NAME).is_symlink():
+            open_regular(source, MANIFEST_NAME).close()  # never block on a FIFO
         manifest = Manifest.read(source)
         if MANIFEST_NAME in manifest.files:
             raise FormatError(f"{source / MANIFEST_NAME} lists {MANIFEST_NAME} among its own "
                               "files; the manifest cannot record its own digest")
-        # Every byte is checked, and code or pickles are refused, before anything is written:
-        # a module in the store needs neither check again when it is loaded.
+        # Types first (opening a FIFO or a device to hash it would block or never end), then
+        # every byte and program: a module in the store needs neither check again.
+        from graft.format.validate import check_module  # the program reader: only writers
+
+        check_sources(source, manifest.files)
         check_module(source, manifest, hash_contents=True)
+        stop_point("add.checked")
         with self._writer() as conn:
-            row = _fetch_one(conn, "SELECT * FROM modules WHERE digest = ?", (manifest.digest,))
+            row = conn.execute("SELECT * FROM modules WHERE digest = ?",
+                               (manifest.digest,)).fetchone()
             if row is not None:
                 stored = self._stored(row)
-                if self._damage(stored, hash_contents=True)[0] is None:
+                if self._damage(stored, level="full") is None:
                     return stored
-                return self._install(source, manifest, conn, repairing=stored)
-            clash = _fetch_one(conn, "SELECT * FROM modules WHERE name = ? AND version = ?",
-                               (manifest.name, manifest.version))
+                install(self, source, manifest, conn, repairing=True)
+                return stored
+            clash = conn.execute("SELECT digest FROM modules WHERE name = ? AND version = ?",
+                                 (manifest.name, manifest.version)).fetchone()
             if clash is not None:
-                raise VersionConflict(_conflict_message(manifest, clash["digest"]))
-            return self._install(source, manifest, conn)
+                raise VersionConflict(index.conflict_message(manifest, clash["digest"]))
+            created = install(self, source, manifest, conn)
+            return StoredModule(name=manifest.name, version=manifest.version,
+                                digest=manifest.digest, path=self.module_path(manifest.digest),
+                                created=created, size=manifest.size,
+                                parents=tuple(manifest.parents))
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
@@ -240,20 +192,12 @@ class Store:
         directory alone for as long as this context is open, and reaps it if the process dies.
         """
         self._make_dirs()
-        name = f"{_STAGE_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-        lock = self._tmp / f"{name}.lock"
-        fd = _hold(lock)
-        entry = self._tmp / name
-        try:
-            entry.mkdir()
+        with staging.staging(self._tmp) as entry:
             yield entry
-        finally:
-            _rmtree(entry)
-            lock.unlink(missing_ok=True)  # still held: a gc cannot be reaping it now
-            os.close(fd)
 
     def remove(self, handle: str | Handle) -> StoredModule:
-        """Remove a module from the index and delete its tree; its blobs stay until :meth:`gc`.
+        """Take a module out of the index and delete its tree, unless a process has it loaded
+        (then :meth:`gc` deletes the tree once none has); its blobs stay until :meth:`gc`.
 
         Args:
             handle: ``name@version`` or ``name@sha256:<hex>``; a bare ``name`` only when a
@@ -263,53 +207,44 @@ class Store:
             ModuleNotFound: no such module is stored.
             HandleError: a bare name matches several versions.
         """
-        wanted = _store_handle(handle, "remove")
+        wanted = store_handle(handle, "remove")
         self._find(wanted, exact=True)  # fail before creating anything
         with self._writer() as conn:
             stored = self._find(wanted, exact=True, conn=conn)
             with transaction(conn):
-                conn.execute("DELETE FROM files WHERE module = ?", (stored.digest,))
-                conn.execute("DELETE FROM modules WHERE digest = ?", (stored.digest,))
-            if stored.path.exists():
-                self._discard(stored.path)
+                index.delete_module(conn, stored.digest, _now())
+            stop_point("rm.unindexed")
+            delete_unused_tree(self, conn, stored.digest)
         return stored
 
     def gc(self) -> GcReport:
-        """Delete what no indexed module needs: unreferenced blobs, module trees without an
-        index row, and ``tmp/`` entries whose writer is gone.
+        """Delete what no indexed module needs: unreferenced blobs, trees of removed modules
+        that no process uses any more, and ``tmp/`` entries whose writer is gone.
 
-        A staging directory stays while the process that opened it still holds it, and
-        whatever a concurrent :meth:`add` writes is safe, since gc waits for the writer lock.
+        A tree without an index row that was not removed on purpose (an add killed after
+        publishing its tree, a lost row) is validated and indexed again, never deleted.
         """
-        if not self._index.exists():
+        self._check_root()
+        if not self.root.exists():
             return GcReport(0, 0, 0, 0)
         with self._writer() as conn:
-            indexed = {_hex_of(r["digest"]) for r in conn.execute("SELECT digest FROM modules")}
-            referenced = {r["sha256"] for r in conn.execute("SELECT DISTINCT sha256 FROM files")}
-            freed = trees = tmp = blobs = 0
-            for tree in _entries(self._modules):
-                if tree.name not in indexed:
-                    freed += _remove(tree)
-                    trees += 1
-            for entry in _entries(self._tmp):
-                reaped, size = self._reap_tmp(entry)
-                tmp += reaped
-                freed += size
-            for fan in _entries(self._blobs):
-                for blob in _entries(fan):
-                    if blob.name not in referenced:
-                        freed += _remove(blob)
-                        blobs += 1
-                with _suppress_os_error():
-                    fan.rmdir()  # only succeeds once the fan-out folder is empty
-        return GcReport(blobs_removed=blobs, bytes_freed=freed, tmp_removed=tmp,
-                        trees_removed=trees)
+            return collect(self, conn)
+
+    def rebuild_index(self) -> list[StoredModule]:
+        """Rebuild the index from the module trees, validating each completely, and return
+        what it holds. The old index is kept beside it as ``index.sqlite.damaged-*``.
+
+        Removal records are lost with the old index, so a module removed while still in use
+        comes back; remove it again.
+        """
+        with self._writer(rebuild=True):
+            pass
+        return self.list()
 
     # -- reading ---------------------------------------------------------------------------
 
     def resolve(self, handle: str | Handle) -> StoredModule:
-        """Find a stored module and check its tree cheaply (every file there with its
-        recorded size; graft.json's digest equal to the index's).
+        """Find a stored module and check its tree (see :meth:`open`).
 
         Args:
             handle: ``name`` (the latest version: highest release numbers, ties broken by
@@ -319,13 +254,25 @@ class Store:
             ModuleNotFound: no such module is stored; the message lists what is.
             IntegrityError: the stored copy is damaged.
         """
-        return self.open(handle)[0]
+        stored, _ = self.open(handle)
+        if stored.lease is not None:
+            stored.lease.close()  # only a loaded module keeps its tree from removal
+        return dataclasses.replace(stored, lease=None)
 
     def open(self, handle: str | Handle) -> tuple[StoredModule, Manifest]:
-        """Like :meth:`resolve`, and also return the manifest the check read (the loader
-        needs it, and reading it once is what keeps ``graft.load`` fast)."""
-        stored = self._find(_store_handle(handle, "resolve"))
-        return stored, self._check(stored, hash_contents=False)
+        """Like :meth:`resolve`, and also return the manifest the check read.
+
+        The check re-hashes ``graft.json``, the programs and the assets, and hashes tensor
+        files whose file-system fingerprint changed since they were last hashed. The returned
+        entry holds a lease: until it is garbage-collected (the loader keeps it on the
+        module), ``remove`` and ``gc`` leave the tree in place.
+        """
+        stored, recorded = self._find_with_fingerprints(store_handle(handle, "resolve"))
+        stop_point("store.found")
+        lease = leases.take(self._leases / hex_of(stored.digest))
+        manifest = self._check(stored, level="read", recorded=recorded)
+        stop_point("store.opened")
+        return dataclasses.replace(stored, lease=lease), manifest
 
     def verify(self, handle: str | Handle) -> StoredModule:
         """Like :meth:`resolve`, but hash every file against the manifest.
@@ -334,137 +281,79 @@ class Store:
             ModuleNotFound: no such module is stored.
             IntegrityError: a stored file was altered, truncated or lost.
         """
-        stored = self._find(_store_handle(handle, "verify"))
-        self._check(stored, hash_contents=True)
+        stored = self._find(store_handle(handle, "verify"))
+        self._check(stored, level="full", recorded={})
         return stored
 
-    def list(self) -> list[StoredModule]:
-        """Every stored module, sorted by name, then version (numerically)."""
-        rows = self._read("SELECT * FROM modules")
-        return sorted((self._stored(r) for r in rows),
-                      key=lambda m: (m.name, _version_key(m.version), m.created))
+    def list(self, *, check: bool = False) -> list[StoredModule]:
+        """Every stored module, sorted by name, then version (numerically).
+
+        Args:
+            check: Also check each tree cheaply (its graft.json digest and file sizes) and
+                say in ``damage`` what is wrong; one damaged module never fails the listing.
+        """
+        found = [self._stored(r) for r in self._read("SELECT * FROM modules")]
+        if check:
+            found = [m if m.damage else dataclasses.replace(m, damage=self._damage(m))
+                     for m in found]
+        return sorted(found, key=lambda m: (m.name, version_key(m.version), m.created))
 
     def __contains__(self, handle: object) -> bool:
         """Whether a store handle names an indexed module (no check of its files)."""
         try:
-            self._find(_store_handle(handle, "contains"))  # type: ignore[arg-type]
+            self._find(store_handle(handle, "contains"))  # type: ignore[arg-type]
         except (ModuleNotFound, HandleError):
             return False
         return True
 
-    # -- internals: lookup -----------------------------------------------------------------
+    # -- internals: the index --------------------------------------------------------------
+
+    def _check_root(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"the local store {self.root} is a file, not a directory; point "
+                             "GRAFT_HOME at a directory (it is created on first use)")
+
+    def _has_trees(self) -> bool:
+        return any(TREE_NAME.fullmatch(t.name) for t in staging.entries(self._modules))
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        """Run a query on the index without creating anything; an absent index is empty."""
-        if not self._index.exists():
-            return []
-        try:
-            conn = sqlite3.connect(self._index.as_uri() + "?mode=rw", uri=True,
-                                   timeout=_BUSY_TIMEOUT)
-        except sqlite3.OperationalError:
-            return []
-        with closing(conn):
-            conn.row_factory = sqlite3.Row
+        """Run one query on the index (see :meth:`_reading`)."""
+        return self._reading(lambda query: query(sql, params))
+
+    def _reading(self, work: Callable[[Callable[..., list[Any]]], _T]) -> _T:
+        """Run ``work(query)`` on one read connection to the index. An absent index is empty
+        unless trees exist (then it is rebuilt); a damaged one is rebuilt."""
+        self._check_root()
+        if not self._index.exists() and not self._has_trees():
+            return work(lambda sql, params=(): [])
+        for attempt in (1, 2):
             try:
-                return conn.execute(sql, params).fetchall()
-            except sqlite3.OperationalError as exc:
-                if "no such table" in str(exc):  # a writer is creating the index right now
-                    return []
-                raise StoreError(f"cannot read the store index {self._index}: {exc}") from None
-
-    def _stored(self, row: sqlite3.Row) -> StoredModule:
-        parents = tuple(Parent(p["handle"], p["digest"]) for p in json.loads(row["parents"]))
-        return StoredModule(name=row["name"], version=row["version"], digest=row["digest"],
-                            path=self.module_path(row["digest"]), created=row["created"],
-                            size=row["size"], parents=parents)
-
-    def _find(self, handle: Handle, *, exact: bool = False,
-              conn: sqlite3.Connection | None = None) -> StoredModule:
-        """The indexed module a store handle names.
-
-        Args:
-            exact: Refuse a bare name that matches several versions (for destructive calls).
-        """
-        query = "SELECT * FROM modules WHERE name = ?"
-        rows = (conn.execute(query, (handle.name,)).fetchall() if conn is not None
-                else self._read(query, (handle.name,)))
-        found = [self._stored(r) for r in rows]
-        found.sort(key=lambda m: (_version_key(m.version), m.created))
-        versions = ", ".join(m.version for m in found)
-        if not found:
-            query = "SELECT DISTINCT name FROM modules"
-            names = [r["name"] for r in (conn.execute(query).fetchall() if conn is not None
-                                         else self._read(query))]
-            close = difflib.get_close_matches(str(handle.name), names, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ModuleNotFound(f"no module named {handle.name!r} in the local store at "
-                                 f"{self.root}{hint}; {_HOW_TO_ADD}")
-        if handle.digest is not None:
-            for module in found:
-                if module.digest == handle.digest:
-                    return module
-            query = "SELECT name, version FROM modules WHERE digest = ?"
-            other = (conn.execute(query, (handle.digest,)).fetchall() if conn is not None
-                     else self._read(query, (handle.digest,)))
-            if other:
-                raise ModuleNotFound(f"{handle.digest} is {other[0]['name']}@"
-                                     f"{other[0]['version']}, not a version of {handle.name!r}; "
-                                     f"use {other[0]['name']}@{handle.digest}")
-            raise ModuleNotFound(f"no {handle.name!r} module with digest {handle.digest} in the "
-                                 f"local store at {self.root}; it holds versions {versions}. "
-                                 f"Use one of those, or {_HOW_TO_ADD}")
-        if handle.version is not None:
-            for module in found:
-                if module.version == handle.version:
-                    return module
-            raise ModuleNotFound(f"{handle.name}@{handle.version} is not in the local store at "
-                                 f"{self.root}; it holds {handle.name} versions {versions}. "
-                                 f"Use one of those, or {_HOW_TO_ADD}")
-        if exact and len(found) > 1:
-            raise HandleError(f"handle {handle.name!r} matches {len(found)} stored versions "
-                              f"({versions}); name the one you mean, e.g. "
-                              f"'{handle.name}@{found[-1].version}'")
-        return found[-1]
-
-    def _damage(self, stored: StoredModule, *,
-                hash_contents: bool) -> tuple[str | None, Manifest | None]:
-        """Why the stored tree does not match its index row (None when it does), and the
-        manifest read on the way."""
-        try:
-            manifest = Manifest.read(stored.path)
-            if manifest.digest != stored.digest:
-                return (f"its {MANIFEST_NAME} has digest {manifest.digest}, but the index "
-                        f"records {stored.digest}"), None
-            manifest.verify_files(stored.path, hash_contents=hash_contents)
-        except (FileNotFoundError, FormatError, IntegrityError, NotADirectoryError) as exc:
-            return str(exc), None
-        return None, manifest
-
-    def _check(self, stored: StoredModule, *, hash_contents: bool) -> Manifest:
-        damage, manifest = self._damage(stored, hash_contents=hash_contents)
-        if damage is None and manifest is not None:
-            return manifest
-        if not self._read("SELECT 1 FROM modules WHERE digest = ?", (stored.digest,)):
-            raise ModuleNotFound(f"{stored.handle} was removed from the local store at "
-                                 f"{self.root} while being read; {_HOW_TO_ADD}")
-        raise IntegrityError(f"stored module {stored.handle} ({stored.digest}) at {stored.path} "
-                             f"is damaged: {damage}. Run `graft verify {stored.handle}` for a "
-                             "full check, and add the module again from its source "
-                             "(`graft add DIR` or `graft import NAME`) to repair it")
-
-    # -- internals: writing ----------------------------------------------------------------
+                with closing(index.reader(self._index)) as conn:
+                    return work(lambda sql, params=(): conn.execute(sql, params).fetchall())
+            except sqlite3.Error as exc:
+                if attempt == 2:
+                    raise StoreError(f"cannot read the store index {self._index}: {exc}; run "
+                                     "`graft gc` with write access to the store to rebuild "
+                                     "it") from None
+            with self._writer():  # creates, migrates or rebuilds the index under the lock
+                pass
+        raise AssertionError("unreachable")
 
     def _make_dirs(self) -> None:
+        self._check_root()
         try:
-            for folder in (self._blobs, self._modules, self._tmp):
+            for folder in (self._blobs, self._modules, self._tmp, self._leases):
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the local store at {self.root}: {exc}; set "
                              "GRAFT_HOME to a writable directory") from None
 
     @contextmanager
-    def _writer(self) -> Iterator[sqlite3.Connection]:
-        """Hold the writer lock and an open index (created on first use)."""
+    def _writer(self, *, rebuild: bool = False) -> Iterator[sqlite3.Connection]:
+        """Hold the writer lock and an open index: created on first use, migrated, and
+        rebuilt from the trees when it is missing (while trees exist) or damaged."""
+        from filelock import FileLock, Timeout  # readers never lock: keep `graft list` quick
+
         self._make_dirs()
         lock = FileLock(str(self.root / "lock"), timeout=_LOCK_TIMEOUT)
         try:
@@ -474,326 +363,98 @@ class Store:
                              f"{self.root} for {_LOCK_TIMEOUT:.0f} s; wait for it to finish, "
                              "or stop it") from None
         try:
-            conn = sqlite3.connect(self._index, timeout=_BUSY_TIMEOUT, isolation_level=None)
+            lost = not self._index.exists() and self._has_trees()
+            if lost:
+                for suffix in ("-wal", "-shm"):  # a stale log must not replay into a new file
+                    self._index.with_name(self._index.name + suffix).unlink(missing_ok=True)
+            try:
+                if rebuild and self._index.exists():
+                    index.set_aside(self._index)
+                    lost = True
+                conn = index.connect(self._index)
+            except sqlite3.Error as exc:
+                if not index.is_corruption(exc):
+                    raise StoreError(f"cannot open the store index {self._index}: {exc}") \
+                        from None
+                index.set_aside(self._index)
+                lost = True
+                conn = index.connect(self._index)
             with closing(conn):
-                conn.row_factory = sqlite3.Row
                 try:
-                    if conn.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
-                        conn.execute("PRAGMA journal_mode = WAL")
-                        conn.executescript(_SCHEMA)
-                        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                    if lost:
+                        for tree in staging.entries(self._modules):
+                            adopt(self, conn, tree)
                     yield conn
                 except sqlite3.Error as exc:
-                    raise StoreError(f"cannot write the store index {self._index}: "
-                                     f"{exc}") from None
+                    raise StoreError(f"cannot write the store index {self._index}: {exc}; if "
+                                     "it is damaged, Store.rebuild_index() rebuilds it from "
+                                     "the module trees") from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot rebuild the store index {self._index}: {exc}") from None
         finally:
             lock.release()
 
-    def _new_tmp(self, prefix: str) -> Path:
-        path = self._tmp / f"{prefix}{os.getpid()}-{secrets.token_hex(8)}"
-        path.mkdir()
-        return path
-
-    def _install(self, source: Path, manifest: Manifest, conn: sqlite3.Connection, *,
-                 repairing: StoredModule | None = None) -> StoredModule:
-        """Write blobs and the module tree, then the index row.
-
-        When ``repairing`` an indexed module, damaged blobs and the tree are rewritten and the
-        row stays. On failure, what this call created is taken back. The caller holds the
-        writer lock.
-        """
-        work = self._new_tmp(_ADD_PREFIX)
-        target = self.module_path(manifest.digest)
-        new_blobs: list[Path] = []
-        published = False
+    def _stored(self, row: sqlite3.Row) -> StoredModule:
+        """An index row as a StoredModule; a row that does not parse is one marked damaged."""
         try:
-            placed: set[str] = set()
-            for rel, entry in manifest.files.items():
-                if entry.sha256 not in placed:
-                    if self._place_blob(source / rel, rel, entry, work):
-                        new_blobs.append(self.blob_path(entry.sha256))
-                    placed.add(entry.sha256)
-            tree = work / "tree"
-            tree.mkdir()
-            for rel, entry in manifest.files.items():
-                dest = tree / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(self.blob_path(entry.sha256), dest)
-            manifest.write(tree)
-            _fsync_dirs(tree)
-            if target.exists():
-                # a tree without an index row (left by a killed add), or one being repaired
-                os.replace(target, work / "previous")
-            _publish(tree, target)
-            published = True
-            if repairing is not None:
-                return repairing
-            created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-            with transaction(conn):
-                _insert_rows(conn, manifest, created)
-            return StoredModule(name=manifest.name, version=manifest.version,
-                                digest=manifest.digest, path=target, created=created,
-                                size=manifest.size, parents=tuple(manifest.parents))
-        except BaseException:
-            if published and repairing is None:
-                with _suppress_os_error():
-                    os.replace(target, work / "failed")
-            for blob in new_blobs:
-                blob.unlink(missing_ok=True)
-            raise
-        finally:
-            _rmtree(work)
-
-    def _place_blob(self, source: Path, rel: str, entry: FileEntry, work: Path) -> bool:
-        """Make sure the blob of ``entry`` is stored intact; True when this call created it."""
-        blob = self.blob_path(entry.sha256)
+            parents = tuple(Parent(p["handle"], p["digest"]) for p in json.loads(row["parents"]))
+            damage = None
+        except (ValueError, TypeError, KeyError, GraftError) as exc:
+            parents, damage = (), f"its index row is malformed ({exc})"
         try:
-            size = blob.stat().st_size
-        except FileNotFoundError:
-            size = None
-        if size == entry.size and sha256_file(blob) == entry.sha256:
-            return False
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        part = work / f"{entry.sha256}.part"
-        _copy_checked(source, part, rel, entry)
-        _publish(part, blob)
-        return size is None
+            path = self.module_path(row["digest"])
+        except HandleError as exc:
+            path, damage = self._modules / "?", f"its index row is malformed ({exc})"
+        return StoredModule(name=str(row["name"]), version=str(row["version"]),
+                            digest=str(row["digest"]), path=path, created=str(row["created"]),
+                            size=row["size"] if isinstance(row["size"], int) else 0,
+                            parents=parents, damage=damage)
 
-    def _discard(self, path: Path) -> None:
-        """Take a tree out of sight in one rename, then delete it."""
-        work = self._new_tmp(_ADD_PREFIX)
-        try:
-            os.replace(path, work / "discarded")
-        finally:
-            _rmtree(work)
+    def _find(self, handle: Handle, *, exact: bool = False,
+              conn: sqlite3.Connection | None = None) -> StoredModule:
+        def query(sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+            return conn.execute(sql, params).fetchall() if conn else self._read(sql, params)
 
-    def _reap_tmp(self, entry: Path) -> tuple[int, int]:
-        """Remove one tmp entry if its writer is gone: (entries removed, bytes freed)."""
-        name = entry.name
-        if name.startswith(_ADD_PREFIX):
-            # created only under the writer lock, which gc holds: its writer died
-            return 1, _remove(entry)
-        if name.startswith(_STAGE_PREFIX):
-            if name.endswith(".lock"):
-                if (self._tmp / name.removesuffix(".lock")).exists():
-                    return 0, 0  # judged with its directory
-                lock, directory = entry, None
-            else:
-                lock, directory = self._tmp / f"{name}.lock", entry
-            return _reap_staging(lock, directory)
+        return find(self, handle, query, exact=exact)
+
+    def _find_with_fingerprints(self, handle: Handle
+                                ) -> tuple[StoredModule, dict[str, index.Fingerprint]]:
+        """The module a handle names and its recorded fingerprints, on one connection."""
+        def work(query: Callable[..., list[Any]]) -> Any:
+            stored = find(self, handle, query)
+            return stored, index.fingerprints(query, stored.digest)
+
+        return self._reading(work)
+
+    def _damage(self, stored: StoredModule, *, level: str = "sizes") -> str | None:
+        """Why the stored tree does not match its index row (None when it does)."""
         try:
-            age = time.time() - entry.lstat().st_mtime
-        except FileNotFoundError:
-            return 0, 0
-        if age > _STALE_AFTER:
-            return 1, _remove(entry)
-        return 0, 0
+            check_tree(stored.path, stored.digest, {}, level=level)
+        except (GraftError, OSError) as exc:
+            return str(exc)
+        return None
+
+    def _check(self, stored: StoredModule, *, level: str,
+               recorded: dict[str, index.Fingerprint]) -> Manifest:
+        try:
+            manifest, fresh = check_tree(stored.path, stored.digest, recorded, level=level)
+        except (GraftError, OSError) as exc:
+            damage = str(exc)
+        else:
+            index.record_fingerprints(self._index, stored.digest, fresh)
+            return manifest
+        if not self._read("SELECT 1 FROM modules WHERE digest = ?", (stored.digest,)):
+            raise ModuleNotFound(f"{stored.handle} was removed from the local store at "
+                                 f"{self.root} while being read; {HOW_TO_ADD}")
+        raise IntegrityError(f"stored module {stored.handle} ({stored.digest}) at {stored.path} "
+                             f"is damaged: {damage}. Run `graft verify {stored.handle}` for a "
+                             "full check, and add the module again from its source "
+                             "(`graft add DIR` or `graft import NAME`) to repair it")
+
+    # -- internals: writing ----------------------------------------------------------------
 
 
 # -- helpers -------------------------------------------------------------------------------
 
-
-def _hex_of(digest: str) -> str:
-    algorithm, _, hexdigest = digest.partition(":")
-    if algorithm != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", hexdigest):
-        raise HandleError(f"digest {digest!r} is malformed; expected 'sha256:<64 hex>'")
-    return hexdigest
-
-
-def _store_handle(handle: str | Handle, action: str) -> Handle:
-    parsed = parse_handle(handle)
-    if parsed.kind != "store":
-        raise HandleError(f"{action}: {str(handle)!r} is a {parsed.kind} handle; the local store "
-                          "takes 'name', 'name@version' or 'name@sha256:<hex>' (open a module "
-                          "directory with graft.load(path), add one with Store.add(path))")
-    return parsed
-
-
-def _version_key(version: str) -> tuple[Any, ...]:
-    """Order versions by release numbers (1.10.0 > 1.9.0); a -prerelease comes before its
-    release; +build metadata does not count."""
-    match = re.match(r"^(\d+(?:\.\d+)*)(-[0-9A-Za-z.-]+)?", version)
-    if match is None:
-        return ((), (0, ()))
-    release = tuple(int(p) for p in match.group(1).split("."))
-    release += (0,) * max(0, 3 - len(release))
-    if match.group(2):
-        parts = match.group(2)[1:].split(".")
-        pre = (0, tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
-    else:
-        pre = (1, ())
-    return (release, pre)
-
-
-def _conflict_message(manifest: Manifest, stored_digest: str) -> str:
-    return (f"{manifest.name}@{manifest.version} is already in the store as {stored_digest}, "
-            f"and the module being added ({manifest.digest}) differs from it; give the new "
-            f"module a new version (e.g. bump it in {MANIFEST_NAME} when saving), or remove the "
-            f"stored one first with `graft rm {manifest.name}@{manifest.version}`")
-
-
-def _insert_rows(conn: sqlite3.Connection, manifest: Manifest, created: str) -> None:
-    parents = json.dumps([{"handle": p.handle, "digest": p.digest} for p in manifest.parents])
-    try:
-        conn.execute("INSERT INTO modules (digest, name, version, created, size, parents) "
-                     "VALUES (?, ?, ?, ?, ?, ?)",
-                     (manifest.digest, manifest.name, manifest.version, created, manifest.size,
-                      parents))
-    except sqlite3.IntegrityError:
-        row = _fetch_one(conn, "SELECT digest FROM modules WHERE name = ? AND version = ?",
-                         (manifest.name, manifest.version))
-        raise VersionConflict(_conflict_message(manifest, row["digest"] if row else "?")) \
-            from None
-    conn.executemany("INSERT INTO files (module, path, sha256, size) VALUES (?, ?, ?, ?)",
-                     [(manifest.digest, rel, e.sha256, e.size)
-                      for rel, e in manifest.files.items()])
-
-
-
-def _fetch_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> Any:
-    return conn.execute(sql, params).fetchone()
-
-
-
-def _copy_checked(source: Path, dest: Path, rel: str, entry: FileEntry) -> None:
-    """Copy ``source`` to a new file ``dest``, hashing on the way, fsync it and make it
-    read-only; refuse if the bytes differ from ``entry`` (the source changed since it was
-    verified)."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(source, "rb") as src, open(dest, "xb") as out:
-        while chunk := src.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    if size != entry.size or digest.hexdigest() != entry.sha256:
-        raise IntegrityError(f"{rel} changed while it was being added ({size} bytes now, "
-                             f"{entry.size} in the manifest); finish writing the module, then "
-                             "add it again")
-    os.chmod(dest, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-
-
-def _link_or_copy(blob: Path, dest: Path) -> None:
-    try:
-        os.link(blob, dest)
-    except OSError:  # no hard links here (or too many): a copy does the same job
-        shutil.copyfile(blob, dest)
-        with open(dest, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(dest, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-
-
-def _publish(source: Path, dest: Path) -> None:
-    """Atomically move a finished file or tree into place and make the rename durable."""
-    os.replace(source, dest)
-    _fsync_dir(dest.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_dirs(root: Path) -> None:
-    for folder, _, _ in os.walk(root):
-        _fsync_dir(Path(folder))
-
-
-def _entries(folder: Path) -> list[Path]:
-    try:
-        return sorted(folder.iterdir())
-    except FileNotFoundError:
-        return []
-
-
-def _remove(path: Path) -> int:
-    """Delete a file or tree; return the bytes this gives back (files with no other link)."""
-    freed = 0
-    try:
-        if path.is_dir() and not path.is_symlink():
-            for folder, _, files in os.walk(path):
-                for name in files:
-                    with _suppress_os_error():
-                        st = os.lstat(os.path.join(folder, name))
-                        freed += st.st_size if st.st_nlink == 1 else 0
-            _rmtree(path)
-        else:
-            st = path.lstat()
-            path.unlink()
-            freed = st.st_size if st.st_nlink == 1 else 0
-    except FileNotFoundError:
-        return 0
-    return freed
-
-
-def _rmtree(path: Path) -> None:
-    def retry_writable(function: Any, name: str, _: Any) -> None:
-        # read-only files refuse deletion on some platforms
-        with _suppress_os_error():
-            os.chmod(name, stat.S_IWRITE | stat.S_IREAD)
-            function(name)
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=retry_writable)
-    else:
-        shutil.rmtree(path, onerror=retry_writable)
-
-
-@contextmanager
-def _suppress_os_error() -> Iterator[None]:
-    try:
-        yield
-    except OSError:
-        pass
-
-
-def _hold(lock: Path) -> int:
-    """Create and lock a staging lock file; return its descriptor (closing it unlocks)."""
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is None:
-            return fd
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a gc probes this file
-        try:
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)  # a gc reaped the file between our open and lock: start again
-
-
-def _reap_staging(lock: Path, directory: Path | None) -> tuple[int, int]:
-    """Remove a staging directory and its lock file if no live process holds the lock."""
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
-        # the directory outlived its lock file: the owner is gone
-        return (1, _remove(directory)) if directory is not None else (0, 0)
-    try:
-        if fcntl is None:
-            age = time.time() - os.fstat(fd).st_mtime
-            if age < 24 * 3600:
-                return 0, 0
-        else:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                    return 0, 0  # its writer is alive
-                raise
-        freed = _remove(directory) if directory is not None else 0
-        lock.unlink(missing_ok=True)
-        return 1, freed
-    finally:
-        os.close(fd)
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")

@@ -1,0 +1,163 @@
+"""Collecting garbage in the store, and taking in trees that lost their index row.
+
+Only three things are ever deleted: blobs that no indexed module references, ``tmp/`` entries
+whose writer is gone (hub/staging.py), and trees of modules that ``graft rm`` took out of the
+index on purpose, once no process holds their lease (hub/leases.py). A tree that has no row
+and was not removed (an add killed between publishing the tree and committing the row, a lost
+row, a lost index) is validated completely and indexed again: a module is never deleted
+because its row vanished.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from graft._sqlite import transaction
+from graft._testing import stop_point
+from graft.errors import GraftError
+from graft.format.manifest import MANIFEST_NAME, Manifest
+from graft.hub import index, leases, staging
+from graft.hub.blobs import link_or_copy
+from graft.hub.lookup import hex_of
+from graft.hub.trees import validate_tree
+
+__all__ = ["GcReport", "TREE_NAME", "adopt", "collect", "delete_unused_tree"]
+
+TREE_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What ``Store.gc`` did.
+
+    Args:
+        blobs_removed: Blobs that no indexed module referenced.
+        bytes_freed: Bytes given back to the filesystem (last links only).
+        tmp_removed: Abandoned entries of ``tmp/``.
+        trees_removed: Trees of removed modules that no process uses any more.
+        trees_adopted: Complete, valid trees without an index row (an add killed after
+            publishing its tree, or a lost row), indexed again rather than deleted.
+        trees_kept: Unindexed trees left alone: still in use, damaged, or clashing with an
+            indexed module's name and version.
+    """
+
+    blobs_removed: int
+    bytes_freed: int
+    tmp_removed: int
+    trees_removed: int = 0
+    trees_adopted: int = 0
+    trees_kept: int = 0
+
+
+def collect(store: Any, conn: sqlite3.Connection) -> GcReport:
+    """Collect the garbage of ``store``; the caller holds the writer lock and passes its
+    connection."""
+    indexed = {hex_of(r["digest"]) for r in index.modules(conn)}
+    removed = {hex_of(d) for d in index.removed_digests(conn)}
+    freed = trees = adopted = kept = tmp = blobs = 0
+    keep: set[str] = set()  # blobs of unindexed trees left in place, for when they return
+    for tree in staging.entries(store._modules):
+        if tree.name in indexed:
+            continue
+        if tree.name in removed:
+            gone = delete_unused_tree(store, conn, "sha256:" + tree.name)
+            if gone is not None:
+                trees, freed = trees + 1, freed + gone
+                continue
+        elif adopt(store, conn, tree) is not None:
+            adopted += 1
+            continue
+        kept += 1
+        keep |= _blobs_named_by(tree)
+    for hexdigest in removed - {t.name for t in staging.entries(store._modules)}:
+        with transaction(conn):
+            index.forget_removed(conn, "sha256:" + hexdigest)
+    for entry in staging.entries(store._tmp):
+        reaped, size = staging.reap(store._tmp, entry)
+        tmp, freed = tmp + reaped, freed + size
+    leases.reap(store._leases, store._modules)
+    referenced = index.referenced_blobs(conn) | keep
+    for fan in staging.entries(store._blobs):
+        for blob in staging.entries(fan):
+            if blob.name not in referenced:
+                freed += staging.remove(blob)
+                blobs += 1
+                stop_point("gc.blob-deleted")
+        with staging.suppress_os_error():
+            fan.rmdir()  # only succeeds once the fan-out folder is empty
+    return GcReport(blobs_removed=blobs, bytes_freed=freed, tmp_removed=tmp,
+                    trees_removed=trees, trees_adopted=adopted, trees_kept=kept)
+
+
+def adopt(store: Any, conn: sqlite3.Connection, tree: Path) -> Any:
+    """Index a tree that has no row, after validating it completely.
+
+    Returns:
+        Its ``StoredModule``, or None (the tree left alone) when it is not a valid module or
+        clashes with an indexed module's name and version.
+    """
+    if not TREE_NAME.fullmatch(tree.name):
+        return None
+    try:
+        manifest, fresh = validate_tree(tree)
+        for rel, entry in manifest.files.items():
+            blob = store.blob_path(entry.sha256)
+            if not blob.exists():  # gc may have collected it while the row was missing
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                link_or_copy(tree / rel, blob)
+        created = datetime.fromtimestamp((tree / MANIFEST_NAME).stat().st_mtime,
+                                         timezone.utc).isoformat(timespec="microseconds")
+        with transaction(conn):
+            index.insert_module(conn, manifest, created, fresh)
+    except (GraftError, OSError):
+        return None
+    return store._stored(conn.execute("SELECT * FROM modules WHERE digest = ?",
+                                      (manifest.digest,)).fetchone())
+
+
+def delete_unused_tree(store: Any, conn: sqlite3.Connection, digest: str) -> int | None:
+    """Delete a removed module's tree unless a process holds its lease.
+
+    Returns:
+        The bytes freed, or None when the tree is in use (it stays, for a later gc).
+    """
+    lease = store._leases / hex_of(digest)
+    fd = staging.unheld(lease)
+    if fd is None:
+        return None
+    try:
+        freed = _discard(store._tmp, store.module_path(digest))
+        stop_point("rm.tree-deleted")
+        with transaction(conn):
+            index.forget_removed(conn, digest)
+        lease.unlink(missing_ok=True)  # while we hold it: a waiting reader retries
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return freed
+
+
+def _blobs_named_by(tree: Path) -> set[str]:
+    """The blobs a tree's manifest names (none when it cannot be read)."""
+    try:
+        return {e.sha256 for e in Manifest.read(tree).files.values()}
+    except (GraftError, OSError):
+        return set()
+
+
+def _discard(tmp: Path, tree: Path) -> int:
+    """Take a tree out of sight in one rename, then delete it; the bytes freed."""
+    if not tree.exists():
+        return 0
+    work = staging.new_work(tmp)
+    try:
+        os.replace(tree, work / "discarded")
+        return staging.remove(work / "discarded")
+    finally:
+        staging.rmtree(work)

@@ -1,0 +1,269 @@
+"""The store's SQLite index: which modules are stored, their files, and what was removed.
+
+The index is a cache of what the module trees say, plus two things the trees cannot say:
+which modules were deliberately removed (so that ``gc`` may delete their trees), and the
+file-system fingerprint of each large file when it was last hashed (so that a load need not
+hash 20 MB to know the weights are unchanged; see docs/store.md).
+
+Because it is derived data, a lost or corrupt index is rebuilt from the trees, each
+re-validated completely (:func:`rebuild`); a module is never deleted because its row is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from graft._sqlite import transaction
+from graft.errors import StoreError, VersionConflict
+from graft.format.manifest import MANIFEST_NAME, Manifest
+
+__all__ = ["Fingerprint", "RACY_NS", "SCHEMA_VERSION", "conflict_message", "connect",
+           "delete_module", "fingerprints", "forget_removed", "insert_module", "is_corruption",
+           "modules", "now_ns", "reader", "record_fingerprints", "referenced_blobs",
+           "removed_digests", "set_aside"]
+
+SCHEMA_VERSION = 2
+BUSY_TIMEOUT = 60.0  # seconds SQLite waits on a busy database
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS modules (
+    digest  TEXT PRIMARY KEY,   -- 'sha256:<hex>' of the canonical manifest
+    name    TEXT NOT NULL,
+    version TEXT NOT NULL,
+    created TEXT NOT NULL,      -- UTC, ISO 8601
+    size    INTEGER NOT NULL,   -- bytes of the module's files
+    parents TEXT NOT NULL,      -- JSON list of {"handle", "digest"}
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS files (
+    module TEXT NOT NULL,       -- modules.digest
+    path   TEXT NOT NULL,
+    sha256 TEXT NOT NULL,       -- the blob
+    size   INTEGER NOT NULL,
+    PRIMARY KEY (module, path)
+);
+CREATE INDEX IF NOT EXISTS files_by_sha256 ON files (sha256);
+"""
+# Version 2: the fingerprint of each tree file when it was last hashed, and removed modules.
+_MIGRATE_TO_2 = """
+ALTER TABLE files ADD COLUMN mtime_ns INTEGER;
+ALTER TABLE files ADD COLUMN ctime_ns INTEGER;
+ALTER TABLE files ADD COLUMN inode INTEGER;
+ALTER TABLE files ADD COLUMN checked_ns INTEGER;  -- when the file was hashed (time_ns)
+CREATE TABLE IF NOT EXISTS removed (
+    digest  TEXT PRIMARY KEY,   -- a module `graft rm` took out of the index
+    removed TEXT NOT NULL       -- UTC, ISO 8601
+);
+"""
+# A timestamp only proves "unchanged since" once the clock has moved past the file system's
+# timestamp granularity (2 s on the coarsest, FAT); a write in the same tick as the hash
+# would otherwise keep the fingerprint (the "racy clean" problem git's index also has).
+RACY_NS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What ``stat`` said about a file when its bytes were last hashed and found intact."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    checked_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result, checked_ns: int) -> Fingerprint:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, checked_ns)
+
+    def vouches_for(self, st: os.stat_result) -> bool:
+        """Whether the file ``st`` describes is, by its metadata, the one that was hashed."""
+        return ((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                == (self.size, self.mtime_ns, self.ctime_ns, self.inode)
+                and self.checked_ns - self.ctime_ns >= RACY_NS)
+
+
+def is_corruption(exc: sqlite3.Error) -> bool:
+    """Whether an SQLite error, met by a writer holding the lock, means the index file is
+    damaged (not merely busy or read-only)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        return any(s in text for s in ("malformed", "no such table", "no such column"))
+    return isinstance(exc, sqlite3.DatabaseError)  # "file is not a database", "malformed"
+
+
+def reader(path: Path, *, timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
+    """Open an existing index for reading (and small fingerprint updates); creates nothing.
+
+    Raises:
+        sqlite3.Error: the file cannot be opened or is not an index of this schema.
+    """
+    conn = sqlite3.connect(path.as_uri() + "?mode=rw", uri=True, timeout=timeout,
+                           isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except BaseException:
+        conn.close()
+        raise
+    try:
+        if version != SCHEMA_VERSION:
+            # 0: being created by a writer right now; 1: a writer will migrate it first
+            raise sqlite3.OperationalError(f"no such table (index schema {version})")
+        _require_tables(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _require_tables(conn: sqlite3.Connection) -> None:
+    """Refuse an index that lost a table (a damaged or hand-edited file)."""
+    found = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    missing = {"modules", "files", "removed"} - found
+    if missing:
+        raise sqlite3.DatabaseError(f"database disk image is malformed (no table "
+                                    f"{', '.join(sorted(missing))})")
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the index for a writer (who holds the lock): create or migrate it, and refuse a
+    damaged file.
+
+    Raises:
+        sqlite3.DatabaseError: the file is damaged (the caller rebuilds it).
+        StoreError: it was written by a newer Graft.
+    """
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the store index {path} has schema version {version}, newer "
+                             f"than this Graft's {SCHEMA_VERSION}; upgrade graft-hub")
+        if version < 1:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript(_SCHEMA)
+            version = 1
+        if version < 2:
+            conn.executescript(_MIGRATE_TO_2)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
+        _require_tables(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def modules(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM modules").fetchall()
+
+
+def insert_module(conn: sqlite3.Connection, manifest: Manifest, created: str,
+                  found: Mapping[str, Fingerprint]) -> None:
+    """Insert a module's rows (in the caller's transaction), with the fingerprint of each
+    file in ``found``.
+
+    Raises:
+        VersionConflict: another module has the name and version.
+    """
+    parents = json.dumps([{"handle": p.handle, "digest": p.digest} for p in manifest.parents])
+    try:
+        conn.execute("INSERT INTO modules (digest, name, version, created, size, parents) "
+                     "VALUES (?, ?, ?, ?, ?, ?)",
+                     (manifest.digest, manifest.name, manifest.version, created, manifest.size,
+                      parents))
+    except sqlite3.IntegrityError:
+        row = conn.execute("SELECT digest FROM modules WHERE name = ? AND version = ?",
+                           (manifest.name, manifest.version)).fetchone()
+        raise VersionConflict(conflict_message(manifest, row["digest"] if row else "?")) \
+            from None
+    rows = []
+    for rel, entry in manifest.files.items():
+        f = found.get(rel)
+        rows.append((manifest.digest, rel, entry.sha256, entry.size,
+                     *((f.mtime_ns, f.ctime_ns, f.inode, f.checked_ns) if f
+                       else (None, None, None, None))))
+    conn.executemany("INSERT INTO files (module, path, sha256, size, mtime_ns, ctime_ns, inode, "
+                     "checked_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.execute("DELETE FROM removed WHERE digest = ?", (manifest.digest,))
+
+
+def delete_module(conn: sqlite3.Connection, digest: str, removed: str) -> None:
+    """Take a module out of the index and remember that it was removed on purpose."""
+    conn.execute("DELETE FROM files WHERE module = ?", (digest,))
+    conn.execute("DELETE FROM modules WHERE digest = ?", (digest,))
+    conn.execute("INSERT OR REPLACE INTO removed (digest, removed) VALUES (?, ?)",
+                 (digest, removed))
+
+
+def fingerprints(query: Callable[..., list[Any]], digest: str) -> dict[str, Fingerprint]:
+    """The recorded fingerprint of each file of a module that has one (``query`` runs SQL on
+    an open index)."""
+    return {row["path"]: Fingerprint(row["size"], row["mtime_ns"], row["ctime_ns"],
+                                     row["inode"], row["checked_ns"])
+            for row in query("SELECT path, size, mtime_ns, ctime_ns, inode, checked_ns "
+                             "FROM files WHERE module = ? AND checked_ns IS NOT NULL",
+                             (digest,))}
+
+
+def record_fingerprints(path: Path, digest: str, found: dict[str, Fingerprint]) -> None:
+    """Best effort: remember files just hashed and found intact, so later loads can trust
+    their metadata. A read-only or busy index is left as it is (the next load hashes again)."""
+    if not found:
+        return
+    try:
+        with closing(reader(path, timeout=1.0)) as conn:
+            # A lost fingerprint costs one more hash, never a wrong answer: no fsync for it.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            with transaction(conn):
+                conn.executemany("UPDATE files SET mtime_ns = ?, ctime_ns = ?, inode = ?, "
+                                 "checked_ns = ? WHERE module = ? AND path = ? AND "
+                                 "size = ?",
+                                 [(f.mtime_ns, f.ctime_ns, f.inode, f.checked_ns, digest, rel,
+                                   f.size) for rel, f in found.items()])
+    except sqlite3.Error:
+        pass
+
+
+def removed_digests(conn: sqlite3.Connection) -> set[str]:
+    return {r["digest"] for r in conn.execute("SELECT digest FROM removed")}
+
+
+def forget_removed(conn: sqlite3.Connection, digest: str) -> None:
+    conn.execute("DELETE FROM removed WHERE digest = ?", (digest,))
+
+
+def referenced_blobs(conn: sqlite3.Connection) -> set[str]:
+    return {r["sha256"] for r in conn.execute("SELECT DISTINCT sha256 FROM files")}
+
+
+def conflict_message(manifest: Manifest, stored_digest: str) -> str:
+    return (f"{manifest.name}@{manifest.version} is already in the store as {stored_digest}, "
+            f"and the module being added ({manifest.digest}) differs from it; give the new "
+            f"module a new version (e.g. bump it in {MANIFEST_NAME} when saving), or remove the "
+            f"stored one first with `graft rm {manifest.name}@{manifest.version}`")
+
+
+def now_ns() -> int:
+    """The wall clock in nanoseconds, comparable with file timestamps."""
+    return time.time_ns()
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged index (and its WAL files) out of the way; return where it went."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm"):
+        extra = path.with_name(path.name + suffix)
+        if extra.exists():
+            os.replace(extra, aside.with_name(aside.name + suffix))
+    return aside

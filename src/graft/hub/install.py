@@ -1,0 +1,88 @@
+"""Writing a module into the store: blobs, then the tree, then the index row.
+
+Each step publishes with one rename, so every state a reader or a crash can leave is
+complete; a failed install takes back what it created (a killed one leaves only ``tmp/``
+entries for the next writer, or a complete tree without a row, which ``gc`` indexes again).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from graft._sqlite import transaction
+from graft._testing import stop_point
+from graft.format.manifest import Manifest
+from graft.hub import index, staging
+from graft.hub.blobs import link_or_copy, place_blob, publish
+from graft.hub.trees import fingerprinted
+
+__all__ = ["install"]
+
+
+def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connection, *,
+            repairing: bool = False) -> str:
+    """Write blobs and the module tree, then the index row.
+
+    When ``repairing`` an indexed module, damaged blobs and the tree are rewritten and the
+    row stays. On failure, what this call created is taken back. The caller holds the
+    writer lock.
+
+    Returns:
+        When the row was created (UTC, ISO 8601); "" when repairing.
+    """
+    work = staging.new_work(store._tmp)
+    target = store.module_path(manifest.digest)
+    new_blobs: list[Path] = []
+    published = False
+    try:
+        placed: set[str] = set()
+        for rel, entry in manifest.files.items():
+            if entry.sha256 not in placed:
+                if place_blob(store.blob_path(entry.sha256), source, rel, entry, work):
+                    new_blobs.append(store.blob_path(entry.sha256))
+                placed.add(entry.sha256)
+                stop_point("add.blob-placed")
+        tree = work / "tree"
+        tree.mkdir()
+        for rel, entry in manifest.files.items():
+            dest = tree / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(store.blob_path(entry.sha256), dest)
+        manifest.write(tree)
+        stop_point("add.tree-built")
+        if target.exists():
+            # a tree without an index row (a killed add, a removed module still in use),
+            # or one being repaired
+            os.replace(target, work / "previous")
+        publish(tree, target)
+        published = True
+        stop_point("add.tree-published")
+        if repairing:
+            return ""
+        created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        with transaction(conn):
+            index.insert_module(conn, manifest, created, _fingerprints(target, manifest))
+            stop_point("add.row-inserted")
+        return created
+    except BaseException:
+        if published and not repairing:
+            with staging.suppress_os_error():
+                os.replace(target, work / "failed")
+        for blob in new_blobs:
+            blob.unlink(missing_ok=True)
+        raise
+    finally:
+        staging.rmtree(work)
+
+
+def _fingerprints(tree: Path, manifest: Manifest) -> dict[str, index.Fingerprint]:
+    """Fingerprints of the tensor files of a tree just built from checked blobs (linking
+    changed their ctime a moment ago, so the first load after the racy window hashes them
+    once more before trusting these)."""
+    checked = index.now_ns()
+    return {rel: index.Fingerprint.of(os.stat(tree / rel), checked)
+            for rel in manifest.files if fingerprinted(rel)}

@@ -1,0 +1,136 @@
+"""Verify on read (graft.hub.trees): every load re-hashes the small files, and hashes the
+weights unless their fingerprint vouches for them; any edit of a stored file is caught."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import graft.hub.trees as trees
+from graft.errors import IntegrityError
+from graft.format.manifest import Manifest
+from graft.hub.index import RACY_NS
+from graft.hub.store import Store
+from tests.hub.conftest import weights_bytes
+from tests.hub.test_store import PROGRAM, WEIGHTS, assert_consistent, flip_byte, tamper
+
+
+def wait_for_a_new_timestamp(scratch: Path, after_ns: int) -> None:
+    """Return once a file written now gets a ctime later than ``after_ns`` (timestamps are
+    coarse: an edit in the same tick as the add would keep the add's ctime). Bounded: the
+    clock moves on within one tick."""
+    for _ in range(1_000_000):
+        scratch.write_bytes(b"tick")
+        if scratch.stat().st_ctime_ns > after_ns:
+            return
+    raise AssertionError("the file-system clock does not move")
+
+
+@pytest.fixture
+def trusted_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every hash count as taken long after the file last changed, so fingerprints
+    recorded now vouch for the files at once (instead of after RACY_NS of real time)."""
+    real = trees.now_ns
+    monkeypatch.setattr(trees, "now_ns", lambda: real() + 10 * RACY_NS)
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files the read check hashes, in order."""
+    seen: list[str] = []
+    real = trees.sha256_stream
+
+    def spy(stream: Any) -> str:
+        seen.append(os.path.basename(os.readlink(f"/proc/self/fd/{stream.fileno()}")))
+        return real(stream)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name the files hashed")
+    monkeypatch.setattr(trees, "sha256_stream", spy)
+    return seen
+
+
+@pytest.mark.parametrize("rel", [PROGRAM, "assets/labels.txt", "graft.json"])
+def test_a_same_size_edit_of_a_small_file_is_caught_on_every_load(
+        store: Store, make_module: Callable[..., Path], rel: str, trusted_clock: None) -> None:
+    stored = store.add(make_module("tiny"))
+    bystander = store.add(make_module("other"))
+    store.open("tiny")  # a load that trusts the weights' fingerprint from now on
+    if rel == "graft.json":
+        tamper(stored.path / rel, lambda d: d.replace(b'"description": ""',
+                                                      b'"description": "x"')[:-1])
+    else:
+        tamper(stored.path / rel, lambda d: bytes([d[0] ^ 1]) + d[1:])
+    with pytest.raises(IntegrityError, match=r"damaged.*graft verify tiny@1\.0\.0"):
+        store.open("tiny")
+    assert store.open("other")[0] == bystander
+
+
+@pytest.mark.parametrize("how", ["in place", "replaced"])
+def test_a_same_size_edit_of_the_weights_is_caught_even_when_trusted(
+        store: Store, make_module: Callable[..., Path], tmp_path: Path, how: str,
+        trusted_clock: None, hashed: list[str]) -> None:
+    stored = store.add(make_module("tiny"))
+    store.open("tiny")  # hashes the weights and records a fingerprint that vouches for them
+    hashed.clear()
+    store.open("tiny")
+    assert hashed and WEIGHTS not in hashed  # trusted now
+    path = stored.path / WEIGHTS
+    wait_for_a_new_timestamp(tmp_path / "scratch", path.stat().st_ctime_ns)
+    if how == "in place":  # same inode, same size, new mtime and ctime
+        tamper(path, flip_byte)
+    else:  # a new file of the same size renamed over it, mtime set back: the inode differs
+        st = path.stat()
+        fresh = stored.path / "swap"
+        fresh.write_bytes(flip_byte(path.read_bytes()))
+        os.utime(fresh, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.chmod(path, 0o644)
+        os.replace(fresh, path)
+    with pytest.raises(IntegrityError, match=f"{WEIGHTS} does not match its sha256"):
+        store.open("tiny")
+
+
+def test_fresh_weights_are_hashed_until_their_fingerprint_is_old_enough(
+        store: Store, make_module: Callable[..., Path], hashed: list[str]) -> None:
+    # With the real clock the file changed a moment ago (the add linked it): a tick-mate edit
+    # could hide behind the same timestamps, so every read hashes it for RACY_NS.
+    store.add(make_module("tiny"))
+    for _ in range(3):
+        hashed.clear()
+        store.open("tiny")
+        assert WEIGHTS in hashed
+
+
+def test_each_load_rehashes_programs_and_assets_but_not_trusted_weights(
+        store: Store, make_module: Callable[..., Path], trusted_clock: None,
+        hashed: list[str]) -> None:
+    stored = store.add(make_module("tiny"))
+    store.open("tiny")
+    hashed.clear()
+    store.open("tiny")
+    assert sorted(hashed) == ["forward.eval.json", "labels.txt"]  # all but the weights
+    assert sorted(Manifest.read(stored.path).files) == [
+        "assets/labels.txt", PROGRAM, WEIGHTS]
+    hashed.clear()
+    store.verify("tiny")  # verify never trusts metadata
+    assert sorted(hashed) == ["forward.eval.json", "labels.txt", WEIGHTS]
+
+
+def test_a_sibling_sharing_the_weights_blob_is_rehashed_once_then_trusted(
+        store: Store, make_module: Callable[..., Path], tmp_path: Path, trusted_clock: None,
+        hashed: list[str]) -> None:
+    weights = weights_bytes("shared")
+    a = store.add(make_module("a", contents={WEIGHTS: weights}))
+    store.open("a")
+    wait_for_a_new_timestamp(tmp_path / "scratch", (a.path / WEIGHTS).stat().st_ctime_ns)
+    store.add(make_module("b", contents={WEIGHTS: weights}))  # links the blob: a's ctime moves
+    hashed.clear()
+    store.open("a")
+    assert WEIGHTS in hashed
+    hashed.clear()
+    store.open("a")
+    assert sorted(hashed) == ["forward.eval.json", "labels.txt"]  # weights trusted again
+    assert_consistent(store)
