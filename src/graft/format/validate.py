@@ -1,7 +1,9 @@
 """Checking a module directory before anything is built from it (no torch).
 
 This is the entry check that ``graft.save``, ``Store.add``, ``graft.load`` of a directory and
-``graft verify`` share.
+``graft verify`` share: files, pickles and code, and every program validated completely
+(``graft.format.graph``), so that a hostile program is refused when it enters, not when it is
+first called.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from graft.errors import FormatError
-from graft.format.files import SNIFF_BYTES, refuse_code_or_pickle
+from graft.format.files import check_file, read_regular
+from graft.format.graph import MAX_PROGRAM_BYTES, read_graph
 from graft.format.manifest import Manifest, resolve_inside
 
 __all__ = ["check_module"]
@@ -24,12 +27,47 @@ def check_module(directory: Path, manifest: Manifest, *, hash_contents: bool) ->
     manifest.verify_files(directory, hash_contents=hash_contents)
     root = Path(directory).resolve()
     for rel in manifest.files:
-        if rel.endswith(".safetensors"):
-            continue  # read by safetensors alone, which never unpickles
-        # Programs are parsed as strict JSON, which no pickle passes; their first bytes are
-        # still checked so that a pickle is named as such. Assets get the full check.
-        size = 64 if rel.startswith("programs/") and rel.endswith(".json") else SNIFF_BYTES
-        with open(resolve_inside(root, rel), "rb") as f:
-            refuse_code_or_pickle(rel, f.read(size))
+        # Every file, wherever it sits: a .safetensors file must really be one (its header is
+        # bounds-checked before safetensors reads it), any other is scanned whole for pickle
+        # streams and zip entries (format/files.py).
+        check_file(resolve_inside(root, rel), rel)
     if "weights.safetensors" not in manifest.files:
         raise FormatError(f"module {manifest.name} has no weights.safetensors")
+    check_programs(directory, manifest)
+
+
+def check_programs(directory: Path, manifest: Manifest) -> None:
+    """Validate every program file completely, and what its inputs name.
+
+    A file that an ``eval`` variant uses is read as an eval program (it may not update
+    buffers), even when a train variant shares it.
+
+    Raises:
+        FormatError / UnsafeContentError: a program is malformed, calls an operator outside
+            the list, or takes a tensor the module does not hold.
+    """
+    root = Path(directory).resolve()
+    train: dict[str, bool] = {}
+    for spec in manifest.signatures.values():
+        for variant, rel in spec.programs.items():
+            train[rel] = train.get(rel, True) and variant != "eval"
+    for rel in manifest.files:
+        if rel.startswith("programs/") and rel.endswith(".json"):
+            train.setdefault(rel, True)  # listed but unused: still never admitted unchecked
+    for rel, is_train in sorted(train.items()):
+        if rel not in manifest.files:
+            raise FormatError(f"module {manifest.name}: program {rel} is not among its files")
+        data = read_regular(resolve_inside(root, rel), what=rel, max_bytes=MAX_PROGRAM_BYTES)
+        graph = read_graph(data, name=rel, train=is_train)
+        has_constants = rel.removesuffix(".json") + ".constants.safetensors" in manifest.files
+        for entry in graph.inputs:
+            if entry.kind in ("parameter", "buffer"):
+                tensor = manifest.tensors.get(entry.target)
+                if tensor is None or tensor.kind != entry.kind:
+                    raise FormatError(f"program {rel}: input {entry.name!r} takes {entry.kind} "
+                                      f"{entry.target!r}, which the manifest does not list as "
+                                      f"a {entry.kind}")
+            elif entry.kind == "constant" and not has_constants:
+                raise FormatError(f"program {rel}: input {entry.name!r} takes constant "
+                                  f"{entry.target!r} but the module has no constants file "
+                                  "for it")

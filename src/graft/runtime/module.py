@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from graft.errors import FormatError, SignatureError
 from graft.format.manifest import BATCH_NORM_POLICIES, Manifest, resolve_inside
+from graft.runtime.outputs import build_outputs
 from graft.runtime.program import Program, program_from_json
 from graft.format.spec import ImagePreprocess, SignatureSpec, TextPreprocess
 
@@ -20,10 +21,18 @@ FROZEN_BN = "train_frozen_bn"
 
 
 def _tree(tensors: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
-          trainable: bool) -> nn.Module:
-    """Nest tensors into empty ``nn.Module``s so they keep their fully-qualified names."""
+          trainable: bool, aliases: Mapping[str, str] | None = None,
+          frozen: frozenset[str] = frozenset()) -> nn.Module:
+    """Nest tensors into empty ``nn.Module``s so they keep their fully-qualified names.
+
+    A tied tensor (``aliases``: other name -> stored name) is registered under each of its
+    names as the same object, as in the source model, so training through one name trains
+    the other. Parameters in ``frozen`` (untrained in the source model) never require grad.
+    """
     root = nn.Module()
-    for fqn, tensor in tensors.items():
+    registered: dict[str, torch.Tensor] = {}
+    for fqn in [*tensors, *(aliases or {})]:
+        canonical = (aliases or {}).get(fqn, fqn)
         *path, leaf = fqn.split(".")
         owner = root
         for part in path:
@@ -32,10 +41,18 @@ def _tree(tensors: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
                 child = nn.Module()
                 owner.add_module(part, child)
             owner = child
-        if kinds[fqn] == "parameter":
-            owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=trainable))
+        if canonical in registered:
+            value = registered[canonical]
+        elif kinds[canonical] == "parameter":
+            value = nn.Parameter(tensors[canonical],
+                                 requires_grad=trainable and canonical not in frozen)
         else:
-            owner.register_buffer(leaf, tensor)
+            value = tensors[canonical]
+        registered[canonical] = value
+        if kinds[canonical] == "parameter":
+            owner.register_parameter(leaf, value)
+        else:
+            owner.register_buffer(leaf, value)
     return root
 
 
@@ -64,7 +81,13 @@ class Module(nn.Module):
             raise SignatureError(f"batch_norm={self.batch_norm!r} is unknown; expected one of "
                                  f"{BATCH_NORM_POLICIES}")
         kinds = {k: v.kind for k, v in manifest.tensors.items()}
-        self.weights = _tree(tensors, kinds, trainable)
+        try:
+            self.weights = _tree(tensors, kinds, trainable, manifest.aliases,
+                                 frozenset(manifest.fine_tuning.frozen))
+        except KeyError as exc:  # nn.Module refuses a name it already uses ("training", ...)
+            raise FormatError(f"module {manifest.name}: a tensor name clashes with another "
+                              f"tensor or an nn.Module attribute ({exc}); re-export the "
+                              "module from a model whose parameter names are plain") from None
         self._programs: dict[tuple[str, str], tuple[Program, dict[str, torch.Tensor]]] = {}
         self._views: dict[str, BoundSignature] = {}
         self._preprocessors: dict[str, Callable[..., dict[str, torch.Tensor]]] = {}
@@ -85,9 +108,14 @@ class Module(nn.Module):
         return self.manifest.digest
 
     @property
-    def signatures(self) -> dict[str, SignatureSpec]:
-        """Signature name -> its spec (inputs, outputs, preprocessing)."""
-        return dict(self.manifest.signatures)
+    def signatures(self) -> Mapping[str, BoundSignature]:
+        """Signature name -> its callable view, as TF Hub's ``loaded.signatures["name"](x)``.
+
+        Each value is what :meth:`signature` returns; its spec (inputs, outputs,
+        preprocessing) is ``m.signatures[name].spec``. The specs alone are
+        ``m.manifest.signatures``.
+        """
+        return _Signatures(self)
 
     @property
     def default_signature(self) -> str:
@@ -127,8 +155,20 @@ class Module(nn.Module):
         """Run signature ``name``: check inputs, apply preprocessing, run its program.
 
         Returns:
-            The output tensor when the signature has one output, else a dict name -> tensor.
+            What the source model returned, rebuilt from the signature's output structure
+            (a tensor, tuple, list, dict, or ``Outputs`` record for a ``ModelOutput``); for a
+            signature without one, the output tensor, or a dict name -> tensor.
         """
+        values = self.call_outputs(name, *args, **kwargs)  # refuses an unknown name
+        spec = self.manifest.signatures[name]
+        if spec.structure is not None:
+            return build_outputs(spec.structure, values)
+        if len(values) == 1:
+            return next(iter(values.values()))
+        return values
+
+    def call_outputs(self, name: str, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Run signature ``name`` and return its outputs flat, by output name."""
         spec = self.manifest.signatures.get(name)
         if spec is None:
             raise SignatureError(f"module {self.name} has no signature {name!r}; it has "
@@ -142,9 +182,7 @@ class Module(nn.Module):
         program, constants = self._program(name, variant)
         state = self._state()
         outputs = program(state, constants, inputs)
-        if len(outputs) == 1:
-            return outputs[0]
-        return dict(zip(spec.outputs, outputs))
+        return dict(zip(spec.outputs, outputs, strict=True))
 
     def _bind(self, name: str, spec: SignatureSpec, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> list[torch.Tensor]:
@@ -196,8 +234,9 @@ class Module(nn.Module):
     # -- programs and state ----------------------------------------------------------------
 
     def _state(self) -> dict[str, torch.Tensor]:
-        state = dict(self.weights.named_parameters())
-        state.update(self.weights.named_buffers())
+        # Every name of a tied tensor: a program may bind any of them.
+        state = dict(self.weights.named_parameters(remove_duplicate=False))
+        state.update(self.weights.named_buffers(remove_duplicate=False))
         return state
 
     def _device(self) -> torch.device:
@@ -210,8 +249,9 @@ class Module(nn.Module):
             rel = self.manifest.signatures[name].programs[variant]
             path = resolve_inside(self.directory.resolve(), rel)
             device = self._device()
-            program = program_from_json(path.read_bytes(), name=f"{self.name}.{name}.{variant}",
-                                        device=device)
+            # Validated again on every read: the bytes on disk are what runs.
+            program = program_from_json(path.read_bytes(), name=f"{self.name}:{rel}",
+                                        device=device, train=variant != "eval")
             constants: dict[str, torch.Tensor] = {}
             const_rel = rel.removesuffix(".json") + ".constants.safetensors"
             if const_rel in self.manifest.files:
@@ -219,6 +259,7 @@ class Module(nn.Module):
 
                 constants = read_safetensors(resolve_inside(self.directory.resolve(), const_rel))
             constants = {k: v.to(device) for k, v in constants.items()}
+            program.check_bindings(self._state(), constants)
             self._programs[key] = (program, constants)
         return self._programs[key]
 
@@ -229,9 +270,13 @@ class Module(nn.Module):
         return self
 
     def program_code(self, name: str | None = None, variant: str = "eval") -> str:
-        """The Python code a signature's program runs, op by op (for reading and debugging)."""
+        """A signature's program as readable Python-like text, op by op, for people.
+
+        The program is interpreted node by node, never compiled: this text is generated from
+        the validated graph with Graft's own names (``in0``, ``n0``, ...) and is not run.
+        """
         program, _ = self._program(name or self.default_signature, variant)
-        return program.graph_module.code
+        return program.code()
 
     def describe(self) -> str:
         """A human-readable table of the signatures."""
@@ -267,3 +312,27 @@ class BoundSignature(nn.Module):
     def extra_repr(self) -> str:
         return f"signature={self.name!r}"
 
+
+class _Signatures(Mapping[str, BoundSignature]):
+    """The read-only ``Module.signatures`` mapping: name -> callable view."""
+
+    def __init__(self, module: Module) -> None:
+        self._module = module
+
+    def __getitem__(self, name: str) -> BoundSignature:
+        return self._module.signature(name)  # SignatureError naming the signatures it has
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._module.manifest.signatures
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._module.manifest.signatures)
+
+    def __len__(self) -> int:
+        return len(self._module.manifest.signatures)
+
+    def __repr__(self) -> str:
+        return f"signatures({', '.join(self._module.manifest.signatures)})"

@@ -1,37 +1,46 @@
-"""Programs: torch.export graphs stored as plain JSON (``graft.graph/1``) and run eagerly.
+"""Running programs: an interpreter over validated ``graft.graph`` nodes (no generated code).
 
-A program is the ATen graph of one signature in one variant (``eval`` or ``train``). It is
-stored without weights: its inputs name the module's parameters and buffers by their
-fully-qualified names, and the runtime passes the module's own tensor objects in. That is what
-lets every signature and both variants share one set of weights.
+A program is the ATen graph of one signature in one variant (``eval`` or ``train``), stored
+without weights: its inputs name the module's parameters and buffers, and the runtime passes
+the module's own tensor objects in, so every signature and variant shares one set of weights.
 
-Reading a program never unpickles and never imports anything: each node's target is looked up
-in a fixed allow-list (ATen and prims operators, a few ``operator`` functions on sizes), and
-arguments are plain JSON values or tagged objects for dtypes, devices and node references.
-torch's own serializer is not used because its reader builds fake tensors for every node
-(~1 s for EfficientNet-Lite0) and its archive format may pickle; this format is documented in
-docs/format.md.
+Nothing from a program's bytes becomes Python source, a compiled name or an attribute lookup.
+``graft.format.graph`` validates the whole file first; this runner then calls, node by node,
+operator objects resolved once per process from Graft's own operator list (the artifact's
+target string is only a key into that table). Values are dropped as soon as their last use
+is past, so peak memory is what an eager forward pass needs. Two things only the running
+program knows are checked here: the element count of an allocation whose size is symbolic,
+and that an in-place operator never writes into a parameter, constant or user input through
+an alias the schema does not declare.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.fx
 
-from graft.errors import FormatError, UnsafeContentError
+from graft.errors import FormatError, ProgramError
+from graft.format.graph import (
+    DTYPES,
+    LAYOUTS,
+    MAX_ELEMENTS,
+    MEMORY_FORMATS,
+    Graph,
+    Ref,
+    Tag,
+    graph_from_json,
+    graph_text,
+    read_graph,
+)
+from graft.format.operators import PY_FUNCTIONS, OpSchema, operator_list, requested_elements
 
-__all__ = ["GRAPH_FORMAT", "OP_NAMESPACES", "PY_TARGETS", "Program", "program_from_json"]
+__all__ = ["PY_TARGETS", "Program", "program_from_json"]
 
-GRAPH_FORMAT = "graft.graph/1"
-
-OP_NAMESPACES = ("aten", "prims")
-# Python-level functions that torch.export emits on symbolic sizes; nothing else is callable.
+#: The Python functions on sizes a program may call, by the name ``graft.graph`` stores.
 PY_TARGETS: dict[str, Callable[..., Any]] = {
     **{f"operator.{n}": getattr(operator, n) for n in (
         "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "getitem", "eq", "ne",
@@ -42,158 +51,297 @@ PY_TARGETS: dict[str, Callable[..., Any]] = {
     "builtins.min": min,
     "builtins.max": max,
 }
-_LAYOUTS = {"strided": torch.strided, "sparse_coo": torch.sparse_coo}
-_MEMORY_FORMATS = {
-    "contiguous_format": torch.contiguous_format,
-    "channels_last": torch.channels_last,
-    "preserve_format": torch.preserve_format,
-}
-_INPUT_KINDS = {"parameter", "buffer", "constant", "input"}
+if set(PY_TARGETS) != set(PY_FUNCTIONS):  # pragma: no cover - the two tables are Graft's own
+    raise ImportError("graft.runtime.program.PY_TARGETS disagrees with graft.format.graph")
+
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}
+_LAYOUTS = {"strided": torch.strided}
+_MEMORY_FORMATS = {name: getattr(torch, name) for name in MEMORY_FORMATS}
+assert set(_LAYOUTS) == set(LAYOUTS)
+_RESOLVED: dict[str, Callable[..., Any]] = {}
 
 
-@dataclass(frozen=True)
-class Binding:
-    """One graph input or output: what it is and which module tensor it names."""
-
-    kind: str
-    target: str | None = None
-
-
-def _resolve_target(name: Any) -> Callable[..., Any]:
-    if not isinstance(name, str):
-        raise FormatError(f"program node target must be a string, got {name!r}")
+def _resolve(name: str) -> Callable[..., Any]:
+    """The callable for a validated target, looked up once from the shipped list's entry."""
+    fn = _RESOLVED.get(name)
+    if fn is not None:
+        return fn
     if name in PY_TARGETS:
-        return PY_TARGETS[name]
-    parts = name.split(".")
-    if len(parts) != 3 or parts[0] not in OP_NAMESPACES:
-        raise UnsafeContentError(f"program calls {name!r}, which is not an ATen or prims "
-                                 "operator; the module is refused because running it could "
-                                 "execute code")
-    namespace, op, overload = parts
-    try:
-        return getattr(getattr(getattr(torch.ops, namespace), op), overload)
-    except (AttributeError, RuntimeError):
-        raise FormatError(f"program calls {name}, which this PyTorch ({torch.__version__}) "
-                          "does not have; the module needs a newer PyTorch") from None
+        fn = PY_TARGETS[name]
+    else:
+        schema = operator_list()[name]
+        # The three parts come from operators.json (Graft's own data), never from a module.
+        namespace, op, overload = schema.name.split(".")
+        try:
+            fn = getattr(getattr(getattr(torch.ops, namespace), op), overload)
+        except (AttributeError, RuntimeError):
+            raise FormatError(f"{name} is in Graft's operator list but not in this PyTorch "
+                              f"({torch.__version__}); install the PyTorch that Graft "
+                              "supports") from None
+        if not isinstance(fn, torch._ops.OpOverload):  # pragma: no cover - torch's own table
+            raise FormatError(f"{name} does not resolve to an operator in this PyTorch")
+    _RESOLVED[name] = fn
+    return fn
 
 
-def _decode(value: Any, nodes: Mapping[str, torch.fx.Node],
-            device: torch.device | None = None) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, list):
-        return [_decode(v, nodes, device) for v in value]
-    if isinstance(value, dict) and len(value) == 1:
-        ((tag, body),) = value.items()
-        if tag == "ref":
-            if body not in nodes:
-                raise FormatError(f"program refers to node {body!r} before defining it")
-            return nodes[body]
-        if tag == "float" and body in ("inf", "-inf", "nan"):
-            return float(body)
-        if tag == "dtype" and isinstance(getattr(torch, str(body), None), torch.dtype):
-            return getattr(torch, body)
-        if tag == "device" and body in ("cpu", "cuda", "mps", "meta"):
-            # Tensors a program creates go where the module's weights are, not where the
-            # author happened to export it.
-            return device if device is not None else torch.device(body)
-        if tag == "layout" and body in _LAYOUTS:
-            return _LAYOUTS[body]
-        if tag == "memory_format" and body in _MEMORY_FORMATS:
-            return _MEMORY_FORMATS[body]
-        if tag == "slice" and isinstance(body, list) and len(body) == 3:
-            return slice(*(_decode(v, nodes, device) for v in body))
-    raise FormatError(f"program argument {value!r} is not a valid {GRAPH_FORMAT} value")
+class _Slot:
+    """A reference inside a compiled argument list."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+@dataclass
+class _Step:
+    fn: Callable[..., Any]
+    name: str
+    target: str
+    args: list[Any]
+    refs: list[tuple[int, int]]  # (argument position, slot)
+    nested: list[tuple[int, list[Any]]]  # (argument position, list holding _Slots)
+    kwargs: dict[str, Any]
+    kwarg_refs: list[tuple[str, Any]]
+    slot: int
+    free: tuple[int, ...]
+    schema: OpSchema | None  # set when the step needs a run-time check
+    sized: bool
+    mutated: tuple[tuple[str, str | None], ...]  # (argument, flag that enables the update)
 
 
 class Program:
-    """A runnable program: an FX graph module plus how its inputs and outputs bind.
+    """A validated program, ready to run.
 
-    Calling it runs the graph eagerly, op by op (``self.graph_module.code`` shows the Python
-    it runs, and a debugger steps through it).
+    Args:
+        graph: The validated graph (from :func:`graft.format.graph.read_graph`).
+        name: What to call it in messages.
+        device: Where tensors the graph creates (``arange``, ``zeros``, ...) are placed;
+            ``None``: the device recorded at export.
+        train: Whether it is a train program (may update buffers).
     """
 
-    def __init__(self, graph_module: torch.fx.GraphModule, inputs: list[Binding],
-                 outputs: list[Binding]) -> None:
-        self.graph_module = graph_module
-        self.inputs = inputs
-        self.outputs = outputs
-        self.num_user_inputs = sum(b.kind == "input" for b in inputs)
+    def __init__(self, graph: Graph, *, name: str = "program",
+                 device: torch.device | None = None, train: bool = True) -> None:
+        self.graph = graph
+        self.name = name
+        self.train = train
+        self.inputs = graph.inputs
+        self.outputs = graph.outputs
+        self.num_user_inputs = sum(i.kind == "input" for i in graph.inputs)
+        self._device = device
+        self._steps = self._compile()
+        self._output_slots = [o.value.slot for o in graph.outputs]
+        self._mutates = any(s.mutated for s in self._steps)
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _literal(self, value: Any) -> Any:
+        if isinstance(value, Tag):
+            if value.kind == "dtype":
+                return _DTYPES[value.name]
+            if value.kind == "device":
+                # Tensors a program creates go where the module's weights are, not where the
+                # author happened to export it.
+                return self._device if self._device is not None else torch.device(value.name)
+            if value.kind == "layout":
+                return _LAYOUTS[value.name]
+            return _MEMORY_FORMATS[value.name]
+        return value
+
+    def _arg(self, value: Any) -> tuple[Any, bool]:
+        """A compiled argument, and whether it holds references."""
+        if isinstance(value, Ref):
+            return _Slot(value.slot), True
+        if isinstance(value, tuple):
+            items = [self._arg(v) for v in value]
+            return [v for v, _ in items], any(has for _, has in items)
+        return self._literal(value), False
+
+    def _compile(self) -> list[_Step]:
+        graph = self.graph
+        offset = len(graph.inputs)
+        last_use: dict[int, int] = {}
+        for index, node in enumerate(graph.nodes):
+            for value in (*node.args, *(v for _, v in node.kwargs)):
+                for slot in _slots(value):
+                    last_use[slot] = index
+        keep = {o.value.slot for o in graph.outputs}
+        frees: dict[int, list[int]] = {}
+        for slot, index in last_use.items():
+            if slot not in keep:
+                frees.setdefault(index, []).append(slot)
+        table = operator_list()
+        steps = []
+        for index, node in enumerate(graph.nodes):
+            args, refs, nested = [], [], []
+            for position, value in enumerate(node.args):
+                compiled, has_refs = self._arg(value)
+                args.append(compiled)
+                if isinstance(compiled, _Slot):
+                    refs.append((position, compiled.index))
+                elif has_refs:
+                    nested.append((position, compiled))
+            kwargs, kwarg_refs = {}, []
+            for key, value in node.kwargs:
+                compiled, has_refs = self._arg(value)
+                kwargs[key] = compiled
+                if has_refs:
+                    kwarg_refs.append((key, compiled))
+            schema = table.get(node.target)
+            sized = schema is not None and schema.sized
+            mutated: tuple[tuple[str, str | None], ...] = ()
+            if schema is not None:
+                literal = dict(zip((p.name for p in schema.params if not p.kwarg_only),
+                                   node.args)) | dict(node.kwargs)
+                # Batch norm in inference mode (``training=False`` written in the graph)
+                # updates nothing: no run-time check on every call.
+                mutated = tuple((p.name, p.mutable_when) for p in schema.params if p.mutable
+                                and not (p.mutable_when and literal.get(p.mutable_when) is False))
+            steps.append(_Step(_resolve(node.target), node.name, node.target, args, refs,
+                               nested, kwargs, kwarg_refs, offset + index,
+                               tuple(frees.get(index, ())),
+                               schema if (sized or mutated) else None, sized, mutated))
+        return steps
+
+    def check_bindings(self, state: Mapping[str, torch.Tensor],
+                       constants: Mapping[str, torch.Tensor]) -> None:
+        """Refuse a program whose inputs name tensors the module does not have."""
+        for entry in self.inputs:
+            if entry.kind in ("parameter", "buffer") and entry.target not in state:
+                raise FormatError(f"program {self.name} takes {entry.kind} {entry.target!r}, "
+                                  "which the module's weights do not hold")
+            if entry.kind == "constant" and entry.target not in constants:
+                raise FormatError(f"program {self.name} takes constant {entry.target!r}, "
+                                  "which its .constants.safetensors does not hold")
+
+    # -- running ------------------------------------------------------------------------------
 
     def __call__(self, state: Mapping[str, torch.Tensor], constants: Mapping[str, torch.Tensor],
                  user_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run the graph over ``state`` (module tensors by name) and the user's inputs."""
-        args: list[torch.Tensor] = []
+        env: list[Any] = [None] * (len(self.inputs) + len(self._steps))
         feed = iter(user_inputs)
-        for binding in self.inputs:
-            if binding.kind == "input":
-                args.append(next(feed))
-            elif binding.kind == "constant":
-                args.append(constants[binding.target])
+        for slot, entry in enumerate(self.inputs):
+            if entry.kind == "input":
+                env[slot] = next(feed)
+            elif entry.kind == "constant":
+                env[slot] = constants[entry.target]
             else:
-                args.append(state[binding.target])
-        results = self.graph_module(*args)
+                env[slot] = state[entry.target]
+        protected = self._protected(env) if self._mutates else frozenset()
+        for step in self._steps:
+            args = step.args
+            if step.refs or step.nested:
+                args = list(args)
+                for position, slot in step.refs:
+                    args[position] = env[slot]
+                for position, items in step.nested:
+                    args[position] = _load(items, env)
+            kwargs = step.kwargs
+            if step.kwarg_refs:
+                kwargs = dict(kwargs)
+                for key, value in step.kwarg_refs:
+                    kwargs[key] = _load(value, env)
+            if step.schema is not None:
+                self._check(step, args, kwargs, protected)
+            try:
+                env[step.slot] = step.fn(*args, **kwargs)
+            except Exception as exc:  # torch raises many types; name the node that failed
+                raise ProgramError(f"program {self.name}: node {step.name!r} "
+                                   f"({step.target}) failed: {type(exc).__name__}: "
+                                   f"{exc}"[:1000]) from exc
+            for slot in step.free:
+                env[slot] = None
         outputs = []
-        for binding, value in zip(self.outputs, results, strict=True):
-            if binding.kind == "output":
-                outputs.append(value)
+        for out, slot in zip(self.outputs, self._output_slots):
+            if out.kind == "output":
+                outputs.append(env[slot])
             else:
                 with torch.no_grad():
-                    state[binding.target].copy_(value)
+                    state[out.target].copy_(env[slot])
         return outputs
 
+    def _protected(self, env: list[Any]) -> frozenset[int]:
+        """Storages an in-place operator must not write: all inputs but buffers (train)."""
+        ptrs = set()
+        for slot, entry in enumerate(self.inputs):
+            if entry.kind == "buffer" and self.train:
+                continue
+            value = env[slot]
+            if isinstance(value, torch.Tensor) and value.numel():
+                try:
+                    ptrs.add(value.untyped_storage().data_ptr())
+                except RuntimeError:
+                    # A fake tensor: torch.export (graft export onnx, saving a model that holds
+                    # a module) is tracing through the runtime, and has no storage to protect.
+                    continue
+        return frozenset(ptrs)
 
-def program_from_json(data: Any, *, name: str = "program",
-                      device: torch.device | None = None) -> Program:
-    """Build a runnable ``Program`` from ``graft.graph/1`` JSON (parsed or bytes).
+    def _check(self, step: _Step, args: list[Any], kwargs: dict[str, Any],
+               protected: frozenset[int]) -> None:
+        schema = step.schema
+        assert schema is not None
+        names = [p.name for p in schema.params if not p.kwarg_only]
+        bound = dict(zip(names, args)) | kwargs
+        if step.sized:
+            elements = requested_elements(
+                schema, bound, lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None)
+            # A symbolic count (torch.export tracing a dynamic batch) is left to the real run:
+            # comparing it would narrow the traced dimension to this limit.
+            if (elements is not None and not isinstance(elements, torch.SymInt)
+                    and elements > MAX_ELEMENTS):
+                raise ProgramError(f"program {self.name}: node {step.name!r} ({step.target}) "
+                                   f"asks for {elements} elements, over the limit of "
+                                   f"{MAX_ELEMENTS}; check the input sizes")
+        for key, when in step.mutated:
+            value = bound.get(key)
+            if when is not None and not bound.get(when):
+                continue
+            # Nothing is protected while torch.export traces fake tensors (see _protected).
+            if (protected and isinstance(value, torch.Tensor) and value.numel()
+                    and value.untyped_storage().data_ptr() in protected):
+                raise ProgramError(f"program {self.name}: node {step.name!r} ({step.target}) "
+                                   f"would write into a parameter, constant or input through "
+                                   f"{key!r}; the module is refused")
+
+    def code(self) -> str:
+        """Readable text of the program for people (never executed)."""
+        return graph_text(self.graph)
+
+
+def _slots(value: Any) -> list[int]:
+    if isinstance(value, Ref):
+        return [value.slot]
+    if isinstance(value, tuple):
+        return [s for v in value for s in _slots(v)]
+    return []
+
+
+def _load(value: Any, env: list[Any]) -> Any:
+    if type(value) is _Slot:
+        return env[value.index]
+    if type(value) is list:
+        return [_load(v, env) for v in value]
+    return value
+
+
+def program_from_json(data: Any, *, name: str = "program", device: torch.device | None = None,
+                      train: bool = True) -> Program:
+    """Validate ``graft.graph/1`` (bytes, or already-parsed JSON) and build a ``Program``.
 
     Args:
-        device: Where tensors the graph creates (``arange``, ``zeros``...) are placed;
-            ``None``: the device recorded at export.
+        data: The program file's bytes, or its parsed JSON (as ``graft.save`` holds it).
+        name: What to call the program in messages.
+        device: Where tensors the graph creates are placed; ``None``: as recorded.
+        train: Whether it is a train program (the only kind that may update buffers).
+
+    Raises:
+        FormatError / UnsafeContentError: the program is not valid (nothing is built).
     """
-    if isinstance(data, (bytes, str)):
-        try:
-            data = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"program {name} is not {GRAPH_FORMAT} JSON ({exc}); the module "
-                              "is corrupt, or holds a file of another kind (refused)") from None
-    if not isinstance(data, dict) or data.get("format") != GRAPH_FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise FormatError(f"program {name} has format {found!r}; this Graft reads "
-                          f"{GRAPH_FORMAT!r}")
-    graph = torch.fx.Graph()
-    env: dict[str, torch.fx.Node] = {}
-    bindings: list[Binding] = []
-    try:
-        for entry in data["inputs"]:
-            if entry["kind"] not in _INPUT_KINDS:
-                raise FormatError(f"program {name} input kind {entry['kind']!r} is unknown")
-            if entry["name"] in env:
-                raise FormatError(f"program {name} defines {entry['name']!r} twice")
-            env[entry["name"]] = graph.placeholder(entry["name"])
-            bindings.append(Binding(entry["kind"], entry.get("target")))
-            if entry["kind"] != "input" and not isinstance(entry.get("target"), str):
-                raise FormatError(f"program {name} input {entry['name']!r} names no tensor")
-        for entry in data["nodes"]:
-            if entry["name"] in env:
-                raise FormatError(f"program {name} defines {entry['name']!r} twice")
-            target = _resolve_target(entry["target"])
-            node = graph.create_node("call_function", target,
-                                     tuple(_decode(entry["args"], env, device)),
-                                     {k: _decode(v, env, device)
-                                      for k, v in entry["kwargs"].items()},
-                                     name=entry["name"])
-            env[entry["name"]] = node
-        outputs = []
-        out_bindings = []
-        for entry in data["outputs"]:
-            if entry["kind"] not in ("output", "buffer_mutation"):
-                raise FormatError(f"program {name} output kind {entry['kind']!r} is unknown")
-            outputs.append(_decode(entry["value"], env, device))
-            out_bindings.append(Binding(entry["kind"], entry.get("target")))
-        graph.output(tuple(outputs))
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise FormatError(f"program {name} is malformed ({exc!r})") from None
-    class_name = "".join(c if c.isalnum() else "_" for c in name)
-    module = torch.fx.GraphModule(torch.nn.Module(), graph, class_name=class_name)
-    return Program(module, bindings, out_bindings)
+    if isinstance(data, (bytes, bytearray, str)):
+        graph = read_graph(bytes(data) if not isinstance(data, str) else data.encode("utf-8"),
+                           name=name, train=train)
+    else:
+        graph = graph_from_json(data, name=name, train=train)
+    return Program(graph, name=name, device=device, train=train)
