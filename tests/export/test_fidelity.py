@@ -69,7 +69,7 @@ def test_transformer_eval_train_and_grads_match(tiny_transformer, tmp_path):
                                   example_inputs=(ids, mask)),
     })
     loaded = graft.load(tmp_path / "t", trainable=True)
-    assert str(loaded.signatures["tokens"].outputs["output"]) == "float32[batch,seq,16]"
+    assert str(loaded.signatures["tokens"].spec.outputs["output"]) == "float32[batch,seq,16]"
 
     reference.eval()
     loaded.eval()
@@ -153,7 +153,7 @@ def test_size_guards_become_checked_dimension_bounds(images, tmp_path):
         "forward": graft.Signature(inputs={"ids": "int64[batch,seq]"},
                                    example_inputs=(torch.zeros(4, 5, dtype=torch.int64),))})
     loaded = graft.load(tmp_path / "g")
-    assert loaded.signatures["forward"].dims == {"batch": (4, None), "seq": (1, 10)}
+    assert loaded.signatures["forward"].spec.dims == {"batch": (4, None), "seq": (1, 10)}
     loaded(torch.zeros(6, 10, dtype=torch.int64))
     with pytest.raises(graft.SignatureError, match="'batch' is 2, but this signature takes 4"):
         loaded(torch.zeros(2, 5, dtype=torch.int64))
@@ -193,7 +193,7 @@ def test_tensors_a_program_creates_follow_the_module_device(tmp_path):
 def test_fine_tuning_with_frozen_batch_norm(tiny_cnn, images, tmp_path):
     reference = copy.deepcopy(tiny_cnn)
     loaded = _save_cnn(tiny_cnn, tmp_path / "m", images)
-    assert "train_frozen_bn" in loaded.signatures["classify"].programs
+    assert "train_frozen_bn" in loaded.signatures["classify"].spec.programs
     frozen = graft.load(tmp_path / "m", trainable=True, batch_norm="frozen")
     stats = {k: v.clone() for k, v in frozen.weights.named_buffers()}
     reference.train()
