@@ -4,20 +4,26 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo demo-digits test bench install clean
 
-$(STAMP): pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml requirements-dev.txt web/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU build that lies on this machine's disk.
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	# The browser page of `graft export web`: npm packages pinned by package-lock.json, bundled.
+	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
+
+# The full transfer-learning table (a few minutes): digits with 10 labels per class.
+demo-digits: $(STAMP)
+	$(PY) examples/transfer_digits.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -26,4 +32,4 @@ bench: $(STAMP)
 	$(PY) bench/load.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) build dist src/*.egg-info web/node_modules web/dist

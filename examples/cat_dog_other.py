@@ -41,7 +41,7 @@ def build(version: str = "1.0.0") -> graft.SavedModule:
     graft.zoo.import_module("efficientnet-lite0")
     backbone = graft.load("efficientnet-lite0")
     model = nn.Sequential(backbone.signature("classify"), GroupHead())
-    classify = backbone.signatures["classify"]
+    classify = backbone.signatures["classify"].spec
     example = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     return graft.save(
         model, f"cat-dog-other@{version}",

@@ -61,7 +61,7 @@ def datasets() -> tuple[Any, Any, Any, Any]:
 
 
 def _same_items(dataset: ArrayDataset, subset: Any) -> Any:
-    from graft.train.data import LabeledSubset
+    from graft.data import LabeledSubset
 
     return LabeledSubset(dataset, subset.indices)
 

@@ -18,13 +18,12 @@ from graft.format.files import refuse_code_or_pickle
 from graft.train import checkpoint as ckpt
 from graft.train.checkpoint import (
     CheckpointManager,
-    capture_rng,
     read_checkpoint,
     recover_directory,
     replace_directory,
-    restore_rng,
     write_checkpoint,
 )
+from graft.train.rng import capture_rng, restore_rng
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
 
@@ -80,7 +79,7 @@ def test_files_are_safetensors_and_json_only(tmp_path):
     names = sorted(p.name for p in (tmp_path / "c").iterdir())
     assert names == ["model.safetensors", "state.json", "state.safetensors"]
     for path in (tmp_path / "c").iterdir():
-        refuse_code_or_pickle(path.name, path.read_bytes()[:64])  # raises on a pickle
+        refuse_code_or_pickle(path.name, path.read_bytes())  # raises on a pickle
     json.loads((tmp_path / "c" / "state.json").read_text())
 
 
@@ -191,3 +190,16 @@ def test_replace_directory_and_recovery(tmp_path):
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         CheckpointManager(tmp_path, keep=0)
+
+
+def test_protected_checkpoints_outlive_keep_until_released(tmp_path):
+    # What the sidecar evaluator relies on: an unevaluated checkpoint is never pruned.
+    done: set[str] = set()
+    manager = CheckpointManager(tmp_path, keep=1, protect=lambda p: p.name not in done)
+    model = nn.Linear(2, 2)
+    for step in (1, 2, 3):
+        manager.save(step, model=model.state_dict())
+    assert [p.name for p in manager.checkpoints()] == [f"step-{s:09d}" for s in (1, 2, 3)]
+    done.update({"step-000000001", "step-000000002"})
+    manager.save(4, model=model.state_dict())
+    assert [p.name for p in manager.checkpoints()] == ["step-000000003", "step-000000004"]

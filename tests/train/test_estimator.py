@@ -22,7 +22,9 @@ import graft
 from graft.distribute.strategy import OneDevice, Strategy, default_strategy
 from graft.errors import DataError, ExtraNotInstalled, TrainingError
 from graft.train.checkpoint import read_checkpoint
-from graft.train.estimator import Estimator, _InterruptGuard, train_and_evaluate
+from graft.train.estimator import Estimator
+from graft.train.interrupt import InterruptGuard
+from graft.train.train_and_evaluate import train_and_evaluate
 from graft.train.specs import EarlyStopping, EvalSpec, TrainSpec
 from tests.conftest import REPO, TinyCNN, env_with_src
 
@@ -241,7 +243,7 @@ def test_interrupt_in_process_checkpoints_and_continues_exactly(tmp_path):
 
 def test_interrupt_guard_defers_ctrl_c_in_critical_sections():
     done = []
-    with _InterruptGuard() as guard:
+    with InterruptGuard() as guard:
         with pytest.raises(KeyboardInterrupt):
             with guard.critical():
                 os.kill(os.getpid(), signal.SIGINT)

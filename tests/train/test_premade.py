@@ -12,7 +12,7 @@ from torch import nn
 
 import graft
 from graft.errors import DataError, SignatureError
-from graft.train.data import ArrayDataset, TextTable
+from graft.data import ArrayDataset, TextTable
 from graft.train.premade import ImageClassifier, TextClassifier
 from tests.conftest import BagOfWords, env_with_src, write_image_folder, write_word_tokenizer
 

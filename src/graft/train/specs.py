@@ -2,8 +2,9 @@
 
 Specs are frozen dataclasses checked when they are built, so a bad value fails at the line
 that wrote it, not minutes into training. ``data`` is a map-style dataset (``len`` and
-``[i] -> (inputs, label)``) or a callable returning one; the rest is plain values, which
-``to_json`` / ``from_json`` carry (``data`` is left out of the JSON: it is not a value).
+``[i] -> (inputs, label)``), a stream of pairs, or a callable returning one; the rest is plain
+values, which ``to_json`` / ``from_json`` carry (``data``, ``exporters`` and callbacks are
+left out of the JSON: they are not values).
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ def _check_data(owner: str, data: object) -> None:
     if isinstance(data, (int, float, str, bytes)) or data is None:
         raise ValueError(
             f"{owner}: data must be a map-style dataset (with len() and [i] -> (inputs, "
-            f"label)) or a callable returning one; got {type(data).__name__} {data!r}. "
-            f"Pass the dataset first, e.g. {owner}(data=train_set, ...)")
-    if callable(data) and not hasattr(data, "__getitem__"):
+            f"label)), an iterable of (inputs, label) pairs, or a callable returning one; got "
+            f"{type(data).__name__} {data!r}. Pass the dataset first, e.g. "
+            f"{owner}(data=train_set, ...)")
+    if callable(data) or hasattr(data, "__iter__"):
         return
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise ValueError(
             f"{owner}: data must be a map-style dataset (with len() and [i] -> (inputs, "
-            f"label)) or a callable returning one; got {type(data).__name__}, which has no "
-            f"__len__/__getitem__. Wrap tensors in torch.utils.data.TensorDataset(x, y)")
+            f"label)), an iterable of pairs, or a callable returning one; got "
+            f"{type(data).__name__}, which has neither __len__/__getitem__ nor __iter__. Wrap "
+            "tensors in torch.utils.data.TensorDataset(x, y)")
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,11 @@ class TrainSpec:
     """How ``train_and_evaluate`` trains.
 
     Args:
-        data: The training set: a map-style dataset of ``(inputs, label)`` items, or a
-            callable returning one.
+        data: The training set: a map-style dataset of ``(inputs, label)`` items, a stream
+            of them (an ``IterableDataset``), or a callable returning one.
         max_steps: The total number of optimizer steps (counting steps already in a resumed
-            ``model_dir``).
+            ``model_dir``); None: until early stopping or a callback stops training (needs
+            ``eval_every``).
         batch_size: Examples per step, across all workers (global batch).
         eval_every: Evaluate every this many steps; ``None``: only once, at ``max_steps``.
         checkpoint_every: Save a checkpoint every this many steps; ``None``: the
@@ -104,7 +108,7 @@ class TrainSpec:
     """
 
     data: Any
-    max_steps: int
+    max_steps: int | None
     batch_size: int = 32
     eval_every: int | None = None
     checkpoint_every: int | None = None
@@ -112,8 +116,13 @@ class TrainSpec:
 
     def __post_init__(self) -> None:
         _check_data("TrainSpec", self.data)
-        _positive_int("TrainSpec", "max_steps", self.max_steps,
-                      "It is the total number of optimizer steps; use e.g. max_steps=1000.")
+        if self.max_steps is not None:
+            _positive_int("TrainSpec", "max_steps", self.max_steps,
+                          "It is the total number of optimizer steps; use e.g. max_steps=1000, "
+                          "or None to train until stopped.")
+        elif self.eval_every is None:
+            raise ValueError("TrainSpec: max_steps=None trains until early stopping or a "
+                             "callback stops it, which needs evaluations: pass eval_every=...")
         _positive_int("TrainSpec", "batch_size", self.batch_size,
                       "It is the number of examples per step; use e.g. batch_size=32.")
         if self.eval_every is not None:
@@ -142,9 +151,13 @@ class EvalSpec:
     """How ``train_and_evaluate`` evaluates, stops early and keeps the best checkpoint.
 
     Args:
-        data: The evaluation set: a map-style dataset of ``(inputs, label)`` items, or a
-            callable returning one. Every example is counted exactly once.
+        data: The evaluation set: a map-style dataset of ``(inputs, label)`` items, a stream
+            of them, or a callable returning one. Every example is counted exactly once.
         batch_size: Examples per evaluation batch, across all workers.
+        steps: Evaluate only the first ``steps`` batches (TF's ``EvalSpec(steps=...)``);
+            None: the whole set.
+        exporters: :mod:`graft.train.exporters` objects run after each evaluation
+            (``BestExporter``, ``LatestExporter``, ``FinalExporter``).
         early_stopping: Stop when a metric stops improving; ``None``: train to ``max_steps``.
         keep_best: Copy the checkpoint with the best metric to ``model_dir/best``.
         best_metric: The metric that decides "best"; ``None``: the early-stopping metric,
@@ -160,11 +173,27 @@ class EvalSpec:
     keep_best: bool = True
     best_metric: str | None = None
     best_mode: Literal["min", "max"] | None = None
+    steps: int | None = None
+    exporters: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         _check_data("EvalSpec", self.data)
         _positive_int("EvalSpec", "batch_size", self.batch_size,
                       "It is the number of examples per evaluation batch; use e.g. 64.")
+        if self.steps is not None:
+            _positive_int("EvalSpec", "steps", self.steps,
+                          "It counts evaluation batches; use None for the whole set.")
+        from graft.train.exporters import Exporter
+
+        exporters = (self.exporters,) if isinstance(self.exporters, Exporter) \
+            else tuple(self.exporters)
+        bad = [e for e in exporters if not isinstance(e, Exporter)]
+        names = [e.name for e in exporters if isinstance(e, Exporter)]
+        if bad or len(set(names)) != len(names):
+            raise ValueError(f"EvalSpec: exporters must be BestExporter / LatestExporter / "
+                             f"FinalExporter objects with distinct names; got "
+                             f"{self.exporters!r}")
+        object.__setattr__(self, "exporters", exporters)
         if self.early_stopping is not None and not isinstance(self.early_stopping,
                                                                 EarlyStopping):
             raise ValueError(f"EvalSpec: early_stopping must be an EarlyStopping or None; got "
@@ -197,16 +226,17 @@ class EvalSpec:
 
     def to_json(self) -> str:
         """The spec's values as JSON, without ``data``."""
-        values = {"batch_size": self.batch_size, "keep_best": self.keep_best,
+        values = {"batch_size": self.batch_size, "steps": self.steps,
+                  "keep_best": self.keep_best,
                   "best_metric": self.best_metric, "best_mode": self.best_mode,
                   "early_stopping": (None if self.early_stopping is None
                                      else dataclasses.asdict(self.early_stopping))}
         return json.dumps(values, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, data: Any) -> EvalSpec:
-        """Rebuild a spec from :meth:`to_json`'s output and the dataset."""
+    def from_json(cls, text: str, data: Any, exporters: tuple[Any, ...] = ()) -> EvalSpec:
+        """Rebuild a spec from :meth:`to_json`'s output, the dataset and the exporters."""
         values = json.loads(text)
         stopping = values.pop("early_stopping")
-        return cls(data=data, early_stopping=None if stopping is None
+        return cls(data=data, exporters=exporters, early_stopping=None if stopping is None
                    else EarlyStopping(**stopping), **values)

