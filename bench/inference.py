@@ -1,0 +1,189 @@
+"""Inference benchmark: ONNX Runtime (from `graft export onnx`) vs torch eager vs torch.compile.
+
+Run: ``.venv/bin/python bench/inference.py`` (``--quick`` for fewer repeats, ``--browser`` to
+also time the exported page in headless Chromium). One run on this machine, medians of
+repeated calls after a warm-up, batch 1 and 32, for
+
+- EfficientNet-Lite0 ``classify`` (224x224 images), and
+- all-MiniLM-L6-v2 ``embed`` (32-token sentences).
+
+The eager baseline is the model a user would write: Graft's eager architecture with the same
+weights (``graft.zoo.efficientnet`` / ``graft.zoo.minilm``), ``torch.no_grad``, eval mode;
+``graft.load`` (the module's stored program, run by Graft's runtime) is shown beside it.
+ORT and torch use the same number of threads. Ratios are eager time / other time: above 1
+means faster than eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int,
+                         warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds of each function, timed in turn (a, b, c, a, b, c, ...).
+
+    Round-robin timing keeps the ratios fair when other work on the machine comes and goes.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - start) * 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _inputs(name: str, batch: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(batch)
+    if name == "efficientnet-lite0":
+        return (torch.randn(batch, 3, 224, 224, generator=g),)
+    ids = torch.randint(1000, 20000, (batch, 32), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    return ids, torch.ones(batch, 32, dtype=torch.int64)
+
+
+def _eager(name: str) -> Callable[..., torch.Tensor]:
+    if name == "efficientnet-lite0":
+        from graft.zoo import efficientnet
+
+        model = efficientnet.load_pretrained().eval()
+        return model.classify
+    from graft.zoo import minilm
+
+    model = minilm.load_pretrained().eval()
+    return model.embed
+
+
+def bench_module(name: str, signature: str, workdir: Path, repeats: int, threads: int) -> dict:
+    import graft
+    from graft.export.onnx import export_onnx, onnx_session
+    from graft.zoo import import_module
+
+    import_module(name)
+    module = graft.load(name)
+    exported = export_onnx(module, workdir / f"{name}.onnx", signature=signature)
+    session = onnx_session(exported.path, threads=threads)
+    eager = _eager(name)
+    compiled = torch.compile(eager)
+    input_names = [i.name for i in session.get_inputs()]
+    rows: dict[int, dict[str, float]] = {}
+    for batch in (1, 32):
+        inputs = _inputs(name, batch)
+        feeds = {k: v.numpy() for k, v in zip(input_names, inputs)}
+        count = repeats if batch == 1 else max(3, repeats // 4)
+        with torch.no_grad():
+            times = _interleaved_medians({
+                "torch eager": lambda: eager(*inputs),
+                "graft.load (program)": lambda: module.call(signature, *inputs),
+                "torch.compile": lambda: compiled(*inputs),
+                "ONNX Runtime": lambda: session.run(None, feeds),
+            }, count)
+        rows[batch] = times
+    return {"parity": exported.max_abs_diff, "rows": rows}
+
+
+def bench_browser(workdir: Path, repeats: int) -> dict[str, float]:
+    """Time per image in the exported page (ONNX Runtime Web, wasm, one thread)."""
+    import functools
+    import http.server
+    import threading
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    from graft.export.web import export_web
+    from graft.zoo import import_module
+
+    import_module("efficientnet-lite0")
+    site = export_web("efficientnet-lite0", workdir / "site")
+    photo = workdir / "photo.png"
+    Image.fromarray(np.full((300, 451, 3), 128, np.uint8)).save(photo)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
+                          ".wasm": "application/wasm"}
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(site.path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--disable-sync"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+            page.evaluate("window.graftPage.ready")
+            for i in range(repeats + 2):
+                page.evaluate("window.graftPage.last = null")
+                page.set_input_files("#try-file", str(photo))
+                page.wait_for_function("window.graftPage.last !== null", timeout=120_000)
+            timings = page.evaluate("window.graftPage.timings")[2:]  # after two warm-ups
+            browser.close()
+    finally:
+        server.shutdown()
+    return {"inference": statistics.median(t["inference"] for t in timings),
+            "preprocess": statistics.median(t["preprocess"] for t in timings)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--browser", action="store_true", help="also time the page in Chromium")
+    parser.add_argument("--browser-only", action="store_true", help="time the page alone")
+    parser.add_argument("--threads", type=int, default=None, help="threads for torch and ONNX "
+                        "Runtime alike (default: torch's default); 1 gives stable figures on a "
+                        "busy machine, where spinning thread pools distort every ratio")
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 15
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="graft-bench-") as tmp:
+        os.environ.setdefault("GRAFT_HOME", str(Path(tmp) / "home"))
+        print(f"torch {torch.__version__}, {threads} threads for torch and ONNX Runtime; "
+              f"medians of {repeats} calls (batch 32: {max(3, repeats // 4)})")
+        ort_batch1 = None
+        modules = () if args.browser_only else (("efficientnet-lite0", "classify"),
+                                                 ("minilm-l6", "embed"))
+        for name, signature in modules:
+            result = bench_module(name, signature, Path(tmp), repeats, threads)
+            print(f"\n{name}:{signature}  (ONNX vs PyTorch on the reference inputs: max abs "
+                  f"difference {result['parity']:.1e})")
+            for batch, times in result["rows"].items():
+                base = times["torch eager"]
+                print(f"  batch {batch}")
+                for label, ms in times.items():
+                    print(f"    {label:<24} {ms:9.2f} ms   {base / ms:5.2f}x eager")
+            if name == "efficientnet-lite0":
+                ort_batch1 = result["rows"][1]["ONNX Runtime"]
+        if args.browser or args.browser_only:
+            page = bench_browser(Path(tmp), repeats)
+            python = f"; ORT in Python: {ort_batch1:.1f} ms" if ort_batch1 else ""
+            print(f"\nefficientnet-lite0:classify in the page (Chromium, ONNX Runtime Web wasm, "
+                  f"1 thread): {page['inference']:.1f} ms per image in the model, "
+                  f"{page['preprocess']:.1f} ms to decode and resize{python}")
+
+
+if __name__ == "__main__":
+    main()
