@@ -6,8 +6,8 @@ measured in one run, on this machine:
 
 1. For the tiny CNN of the tests, EfficientNet-Lite0 and MiniLM, each from a warm store:
    ``graft.load``, ``graft.load`` + the first call (which reads, validates and builds the
-   program), and a steady call, for this tree and for ``REV``. ``REV`` is checked out with
-   ``git worktree add`` into a temporary folder and measured by the same code in its own
+   program), and a steady call, for this tree and for ``REV``. ``REV``'s files are unpacked
+   with ``git archive`` into a temporary folder and measured by the same code in its own
    process, with its own store.
 2. EfficientNet-Lite0: ``graft.load`` against building the model from code and
    ``load_state_dict`` from safetensors (the path a user would otherwise take), and the cost
@@ -111,11 +111,16 @@ def _child(src: Path, home: Path, repeats: int) -> dict[str, dict[str, float]]:
 
 
 def _worktree(rev: str) -> Path:
-    """A checkout of ``rev`` in a temporary folder (the working tree is left alone)."""
-    path = Path(tempfile.gettempdir()) / f"graft-bench-{rev.replace('/', '_')}"
+    """The files of ``rev`` in a temporary folder keyed by its commit (git state untouched)."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", rev + "^{commit}"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    path = Path(tempfile.gettempdir()) / f"graft-bench-{commit[:12]}"
     if not (path / "src" / "graft").is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev],
-                       check=True, capture_output=True)
+        staging = Path(tempfile.mkdtemp(prefix="graft-bench-"))
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(staging)], input=archive, check=True)
+        os.replace(staging, path)
     return path
 
 
