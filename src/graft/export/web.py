@@ -25,7 +25,8 @@ from typing import Any
 from graft import _fs
 from graft.errors import ExportError, SignatureError
 
-__all__ = ["SITE_FORMAT", "WebExport", "build_bundle", "cli", "export_web", "web_root"]
+__all__ = ["SITE_FORMAT", "SitePlan", "WebExport", "build_bundle", "built_bundle", "cli",
+           "export_web", "plan_site", "web_root", "write_site_models"]
 
 SITE_FORMAT = "graft.site/1"
 # What the page implements; anything else is refused when the site is built.
@@ -99,6 +100,23 @@ def build_bundle(*, force: bool = False) -> Path:
     return dist
 
 
+def built_bundle() -> Path:
+    """``web/dist`` as already built (``make install``), without running npm.
+
+    For callers that must not build (``graft serve`` answering a request).
+
+    Raises:
+        ExportError: the bundle has not been built.
+    """
+    dist = web_root() / "dist"
+    for name in ("index.html", "app.js", "style.css"):
+        if not (dist / name).is_file():
+            raise ExportError(f"the page's bundle is not built ({dist / name} is missing); run "
+                              "`make install` (or `graft export web` once) in the Graft "
+                              "checkout")
+    return dist
+
+
 def _check_page_can_run(module: Any, name: str) -> str:
     """The preprocessing kind of a signature, refusing what the page does not implement."""
     spec = module.manifest.signatures[name]
@@ -151,6 +169,73 @@ def _feature_signature(module: Any, run: str, kind: str, wanted: str | None) -> 
     return None
 
 
+@dataclass(frozen=True)
+class SitePlan:
+    """What a site will run, decided (and checked against the page) before anything is built.
+
+    Args:
+        run: The signature "Try it" runs.
+        kind: ``"image"`` or ``"text"``: what the page feeds it.
+        features: The signature a head trains on, or None when the module has none.
+    """
+
+    run: str
+    kind: str
+    features: str | None
+
+
+def plan_site(module: Any, *, signature: str | None = None,
+              features: str | None = None) -> SitePlan:
+    """Check that the page can run a module's signature; pick the feature signature.
+
+    Raises:
+        SignatureError: no such signature.
+        ExportError: the page does not implement the signature's preprocessing.
+    """
+    run = signature or module.default_signature
+    if run not in module.manifest.signatures:
+        raise SignatureError(f"module {module.name} has no signature {run!r}; it has "
+                             f"{sorted(module.manifest.signatures)}")
+    kind = _check_page_can_run(module, run)
+    feats = _feature_signature(module, run, kind, features)
+    if feats is not None:
+        _check_page_can_run(module, feats)
+    return SitePlan(run, kind, feats)
+
+
+def write_site_models(module: Any, plan: SitePlan, folder: Path) -> float:
+    """Export the plan's signatures to ``folder/models`` and write ``folder/site.json``.
+
+    This is what a site holds beside the page's bundle (``web/dist``); ``graft export web``
+    copies the bundle next to it, ``graft serve`` serves the bundle from ``web/dist`` itself.
+    ``site.json`` is written last, so a folder that has it is complete.
+
+    Returns:
+        The largest difference from PyTorch that ONNX Runtime showed on the reference inputs.
+    """
+    from graft.export.onnx import export_onnx
+
+    entries: dict[str, dict[str, Any]] = {}
+    worst = 0.0
+    for name in dict.fromkeys(n for n in (plan.run, plan.features) if n is not None):
+        result = export_onnx(module, folder / "models" / f"{name}.onnx", signature=name)
+        worst = max(worst, result.max_abs_diff)
+        entry = {"model": f"models/{name}.onnx", "config": result.config}
+        if plan.kind == "text":
+            entry["tokenizer"] = f"models/{result.config['preprocess']['tokenizer']}"
+        entries[name] = entry
+    site = {
+        "format": SITE_FORMAT,
+        "module": {"name": module.name, "version": module.version,
+                   "digest": module.digest, "description": module.manifest.description},
+        "kind": plan.kind,
+        "run": entries[plan.run],
+        "features": entries[plan.features] if plan.features is not None else None,
+    }
+    _fs.atomic_write(folder / "site.json", json.dumps(site, indent=1) + "\n")
+    return worst
+
+
 def export_web(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[str], *,
                signature: str | None = None, features: str | None = None,
                overwrite: bool = False) -> WebExport:
@@ -168,18 +253,10 @@ def export_web(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[s
             check, or the page cannot be built (no npm); nothing is left at ``output``.
     """
     import graft
-    from graft.export.onnx import export_onnx
     from graft.runtime.module import Module
 
     module = handle if isinstance(handle, Module) else graft.load(handle, trainable=False)
-    run = signature or module.default_signature
-    if run not in module.manifest.signatures:
-        raise SignatureError(f"module {module.name} has no signature {run!r}; it has "
-                             f"{sorted(module.manifest.signatures)}")
-    kind = _check_page_can_run(module, run)
-    feats = _feature_signature(module, run, kind, features)
-    if feats is not None:
-        _check_page_can_run(module, feats)
+    plan = plan_site(module, signature=signature, features=features)
     target = Path(output).expanduser()
     if target.exists() and not overwrite:
         raise ExportError(f"{target} already exists; remove it, choose another -o, or pass "
@@ -189,25 +266,7 @@ def export_web(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[s
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         shutil.copytree(dist, staging)
-        entries: dict[str, dict[str, Any]] = {}
-        worst = 0.0
-        for name in dict.fromkeys(n for n in (run, feats) if n is not None):
-            result = export_onnx(module, staging / "models" / f"{name}.onnx", signature=name)
-            worst = max(worst, result.max_abs_diff)
-            entry = {"model": f"models/{name}.onnx", "config": result.config}
-            if kind == "text":
-                entry["tokenizer"] = f"models/{result.config['preprocess']['tokenizer']}"
-            entries[name] = entry
-        site = {
-            "format": SITE_FORMAT,
-            "module": {"name": module.name, "version": module.version,
-                       "digest": module.digest, "description": module.manifest.description},
-            "kind": kind,
-            "run": entries[run],
-            "features": entries[feats] if feats is not None else None,
-        }
-        (staging / "site.json").write_text(json.dumps(site, indent=1) + "\n",
-                                           encoding="utf-8")
+        worst = write_site_models(module, plan, staging)
         _fs.fsync_tree(staging)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -217,7 +276,7 @@ def export_web(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[s
         _fs.fsync_dir(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return WebExport(target, run, feats, worst)
+    return WebExport(target, plan.run, plan.features, worst)
 
 
 def cli(args: Any) -> None:

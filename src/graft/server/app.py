@@ -51,8 +51,12 @@ class _Headers:
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], *_HEADERS]
+                headers = list(message.get("headers", []))
+                # A route may set its own policy (the try pages add WebAssembly); every other
+                # response gets the strict one.
+                own = any(k.lower() == b"content-security-policy" for k, _ in headers)
+                message["headers"] = [*headers, *(h for h in _HEADERS
+                                                  if not (own and h is _HEADERS[0]))]
             await send(message)
 
         try:

@@ -33,7 +33,7 @@ from graft.format.manifest import Manifest
 from graft.format.validate import check_module
 from graft.hub.oci import artifact
 
-__all__ = ["ARTIFACT_TYPE", "IndexedModule", "check_graft_artifact", "is_graft"]
+__all__ = ["ARTIFACT_TYPE", "IndexedModule", "assemble", "check_graft_artifact", "is_graft"]
 
 ARTIFACT_TYPE = artifact.ARTIFACT_TYPE
 #: The longest model card (README.md) the server renders, in bytes.
@@ -93,7 +93,7 @@ def check_graft_artifact(data: bytes, blob_path: Callable[[str], Path],
         plan.check(manifest)
         directory = scratch / f"module-{uuid.uuid4().hex}"
         try:
-            _assemble(plan, blob_path, directory)
+            assemble(plan, blob_path, directory)
             check_module(directory, manifest, hash_contents=True)
             card = _card(directory, manifest)
         finally:
@@ -105,7 +105,7 @@ def check_graft_artifact(data: bytes, blob_path: Callable[[str], Path],
     return IndexedModule(manifest, card)
 
 
-def _assemble(plan: artifact.Plan, blob_path: Callable[[str], Path], directory: Path) -> None:
+def assemble(plan: artifact.Plan, blob_path: Callable[[str], Path], directory: Path) -> None:
     """Lay the artifact's blobs out as a module directory (links where possible)."""
     directory.mkdir(parents=True)
     for rel, descriptor in plan.files.items():

@@ -1,4 +1,4 @@
-"""The web pages: home with search, search results, a namespace, a module.
+"""The web pages: home with search, search results, a namespace, a module, its try pages.
 
 Server-rendered with Jinja2 (autoescape on for every template), no build step and no inline
 script: the one script, ``static/copy.js``, only copies the load line to the clipboard.
@@ -53,6 +53,13 @@ def _render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
 def routes(index: Any, config: ServeConfig) -> list[Route]:
     """The page routes over a registry or an upstream index."""
 
+    # Try pages need the module's bytes: a registry root has them, an upstream index not.
+    trials = None
+    if hasattr(index, "blobs"):
+        from graft.server.trypage import TryPages
+
+        trials = TryPages(index, _render)
+
     def host_of(request: Request) -> str:
         if config.public_host:
             return config.public_host
@@ -92,7 +99,10 @@ def routes(index: Any, config: ServeConfig) -> list[Route]:
                                          _reader(request))
         if detail is None:
             return _not_found(f"no module {repo}" + (f" version {version}" if version else ""))
-        return _render("module.html", **_module_context(detail, host_of(request)), query="")
+        context = _module_context(detail, host_of(request))
+        context["try_links"] = ({} if trials is None else await run_in_threadpool(
+            trials.links, repo, detail["manifest"], detail["row"]["module_digest"]))
+        return _render("module.html", **context, query="")
 
     def _reader(request: Request) -> str | None:
         try:
@@ -100,8 +110,9 @@ def routes(index: Any, config: ServeConfig) -> list[Route]:
         except RequestRefused:
             return None
 
+    tries = [] if trials is None else trials.routes(_reader)
     return [Route("/", home), Route("/search", results),
-            Route("/{namespace}", namespace),
+            Route("/{namespace}", namespace), *tries,
             Route("/{namespace}/{name:path}", module)]
 
 
