@@ -51,6 +51,8 @@ __all__ = [
     "errors",
     "load",
     "losses",
+    "pull",
+    "push",
     "save",
     "train_and_evaluate",
 ]
@@ -63,7 +65,7 @@ _LAZY = {
     "Estimator": "graft.train.estimator",
     "EvalSpec": "graft.train.specs",
     "TrainSpec": "graft.train.specs",
-    "train_and_evaluate": "graft.train.estimator",
+    "train_and_evaluate": "graft.train.train_and_evaluate",
     "BoundSignature": "graft.runtime.module",
     "ImageClassifier": "graft.train.premade",
     "ImagePreprocess": "graft.format.spec",
@@ -75,6 +77,8 @@ _LAZY = {
     "TextClassifier": "graft.train.premade",
     "TextPreprocess": "graft.format.spec",
     "load": "graft.runtime.load",
+    "pull": "graft.hub.oci.pull",
+    "push": "graft.hub.oci.push",
     "save": "graft.export.save",
 }
 
