@@ -118,8 +118,12 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     directory, stored = _directory(args.handle)
     if stored is not None:
-        _store().verify(stored.pinned_handle)
-    report = verify_module(directory)
+        store = _store()
+        store.verify(stored.pinned_handle)  # every file and tensor blob hashed
+        with store.exported(stored.pinned_handle) as exported:  # weights.safetensors rebuilt
+            report = verify_module(exported)
+    else:
+        report = verify_module(directory)
     print(f"ok: {report.files} files and {report.tensors} tensors match their digests; "
           f"reference outputs of {printable(', '.join(report.signatures)) or 'no signatures'} "
           "reproduce "

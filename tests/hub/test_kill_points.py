@@ -62,7 +62,8 @@ def populated(store: Store, make_module: Callable[..., Path]) -> tuple[Store, Pa
 ADD_POINTS = {
     "add.checked": None,  # nothing written yet
     "add.blob-placed#1": None,  # one new blob published, the rest not begun
-    "add.blob-placed#5": None,  # every blob in place (4 new, 1 shared), no tree
+    # the weights' header and 3 tensor blobs come first, then the files
+    "add.blob-placed#8": None,  # every blob in place (7 new, 1 shared), no tree
     "add.tree-built": None,  # the tree complete in tmp/, not renamed
     "add.tree-published": "adopted",  # the tree in place, no row
     "add.row-inserted": "adopted",  # the row inserted, not committed
@@ -89,8 +90,8 @@ def test_kill_during_add(populated: tuple[Store, Path, bytes], point: str) -> No
         assert report.trees_adopted == 1 and report.blobs_removed == 0, report
         assert store.verify("big").digest == Manifest.read(big).digest
     else:
-        new_blobs = {"add.checked": 0, "add.blob-placed#1": 1, "add.blob-placed#5": 4,
-                     "add.tree-built": 4}[point]
+        new_blobs = {"add.checked": 0, "add.blob-placed#1": 1, "add.blob-placed#8": 7,
+                     "add.tree-built": 7}[point]
         assert (report.trees_adopted, report.blobs_removed) == (0, new_blobs), report
         with pytest.raises(ModuleNotFound):
             store.resolve("big")
@@ -125,7 +126,8 @@ def test_kill_during_remove(populated: tuple[Store, Path, bytes]) -> None:
         report = store.gc()  # removed on purpose: the tree goes, it is not adopted
         assert report.trees_adopted == 0
         assert report.trees_removed == (1 if point == "rm.unindexed" else 0)
-        assert report.blobs_removed == 4  # all but the program, which 'small' shares
+        # all but the program, which 'small' shares: 3 files, the weights' header, 3 tensors
+        assert report.blobs_removed == 7
         assert not stored.path.exists()
         assert_no_leftovers(store)
         assert store.add(big).digest == stored.digest  # and it can come back
@@ -138,7 +140,7 @@ def test_kill_during_gc(populated: tuple[Store, Path, bytes]) -> None:
     assert run_writer(store, "gc.blob-deleted#2", "gc") == -signal.SIGKILL
     assert [m.name for m in assert_consistent(store)] == ["small"]
     report = store.gc()
-    assert report.blobs_removed == 2  # of 4: two went before the kill
+    assert report.blobs_removed == 5  # of 7: two went before the kill
     assert_no_leftovers(store)
 
 

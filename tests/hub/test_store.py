@@ -4,6 +4,7 @@ test_kill_points.py)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import sqlite3
@@ -27,6 +28,7 @@ from graft.errors import (
 )
 from graft.hub.handles import parse_handle
 from graft.hub.store import GcReport, Store, StoredModule
+from graft.hub.tensors import HEADER_LINK
 from graft.format.manifest import Manifest, Parent
 from tests.hub.conftest import program_bytes, random_bytes, weights_bytes
 
@@ -60,6 +62,23 @@ def blob_names(store: Store) -> set[str]:
     return {p.name for p in (store.root / "blobs" / "sha256").glob("*/*")}
 
 
+def header_of(weights: bytes) -> bytes:
+    """The first 8 + N bytes of a safetensors file: its header blob."""
+    return weights[:8 + int.from_bytes(weights[:8], "little")]
+
+
+def expected_blobs(modules: list[StoredModule]) -> set[str]:
+    """The blobs stored modules need: every file but the weights, whose header and each
+    tensor (by the manifest's sha256) are blobs of their own."""
+    names: set[str] = set()
+    for m in modules:
+        manifest = m.manifest()
+        names |= {e.sha256 for rel, e in manifest.files.items() if rel != WEIGHTS}
+        names |= {t.sha256 for t in manifest.tensors.values()}
+        names.add(hashlib.sha256((m.path / HEADER_LINK).read_bytes()).hexdigest())
+    return names
+
+
 def tamper(path: Path, change: Callable[[bytes], bytes]) -> None:
     os.chmod(path, 0o644)  # stored files are read-only; a tamperer would not care
     path.write_bytes(change(path.read_bytes()))
@@ -86,7 +105,7 @@ def assert_no_leftovers(store: Store) -> None:
     assert sorted(p.name for p in (store.root / "tmp").iterdir()) == []
     assert sorted(p.name for p in (store.root / "modules").iterdir()) == sorted(
         m.digest.removeprefix("sha256:") for m in modules)
-    assert blob_names(store) == {e.sha256 for m in modules for e in m.manifest().files.values()}
+    assert blob_names(store) == expected_blobs(modules)
 
 
 def _context() -> Any:
@@ -115,12 +134,29 @@ def test_add_then_resolve(store: Store, make_module: Callable[..., Path]) -> Non
     assert datetime.fromisoformat(stored.created).utcoffset() == timedelta(0)
     assert stored.manifest() == manifest
     for rel, entry in manifest.files.items():
+        if rel == WEIGHTS:
+            continue  # stored as tensor blobs, below
         stored_file = stored.path / rel
         assert stored_file.read_bytes() == (source / rel).read_bytes()
         assert os.path.samefile(stored_file, blob(store, entry.sha256))  # a hard link
         assert stat.S_IMODE(stored_file.stat().st_mode) & 0o222 == 0  # read-only
+    # the weights: a header blob (linked from the tree) and one blob per tensor, named by the
+    # sha256 the manifest records and holding the tensor's bytes as the file has them
+    weights = (source / WEIGHTS).read_bytes()
+    header = header_of(weights)
+    assert (stored.path / HEADER_LINK).read_bytes() == header
+    assert os.path.samefile(stored.path / HEADER_LINK,
+                            blob(store, hashlib.sha256(header).hexdigest()))
+    data = weights[len(header):]
+    for name, info in json.loads(header[8:]).items():
+        raw = data[slice(*info["data_offsets"])]
+        assert blob(store, manifest.tensors[name].sha256).read_bytes() == raw
+        assert stat.S_IMODE(blob(store, manifest.tensors[name].sha256).stat().st_mode) \
+            & 0o222 == 0
+    assert not (stored.path / WEIGHTS).exists()
     assert sorted(p.relative_to(stored.path).as_posix() for p in stored.path.rglob("*")
-                  if p.is_file()) == sorted([*manifest.files, "graft.json"])
+                  if p.is_file()) == sorted([*(set(manifest.files) - {WEIGHTS}), HEADER_LINK,
+                                             "graft.json"])
     for handle in ("tiny", "tiny@1.0.0", f"tiny@{manifest.digest}", parse_handle("tiny")):
         assert store.resolve(handle) == stored
     assert store.verify("tiny") == stored
@@ -149,7 +185,9 @@ def test_only_listed_files_are_taken(store: Store, make_module: Callable[..., Pa
     stored = store.add(source)
     assert not (stored.path / "notes.txt").exists()
     assert not (stored.path / "programs" / "stray.json").exists()
-    assert len(blob_names(store)) == len(Manifest.read(source).files)
+    manifest = Manifest.read(source)
+    # every file but the weights, plus the weights' header and its tensors
+    assert len(blob_names(store)) == len(manifest.files) - 1 + 1 + len(manifest.tensors)
 
 
 def test_nothing_is_created_before_the_first_write(tmp_path: Path,
@@ -199,8 +237,9 @@ def test_identical_files_share_one_blob(store: Store, make_module: Callable[...,
     weights = weights_bytes("shared")
     a = store.add(make_module("a", contents={WEIGHTS: weights}))
     b = store.add(make_module("b", contents={WEIGHTS: weights}))
-    assert os.path.samefile(a.path / WEIGHTS, b.path / WEIGHTS)
-    assert len(blob_names(store)) == 5  # one weights blob + 2 programs + 2 label files
+    assert os.path.samefile(a.path / HEADER_LINK, b.path / HEADER_LINK)
+    # one weights header + 2 tensors (weight, bias) + 2 programs + 2 label files
+    assert len(blob_names(store)) == 7
 
 
 def test_version_conflict_changes_nothing(store: Store,
@@ -310,7 +349,7 @@ def test_damaged_store_is_caught_on_read(store: Store, make_module: Callable[...
     bystander = store.add(make_module("bystander"))
     manifest = Manifest.read(source)
     if damage == "truncated blob":
-        tamper(blob(store, manifest.files[WEIGHTS].sha256), lambda d: d[:100])
+        tamper(blob(store, manifest.tensors["extra"].sha256), lambda d: d[:100])
     elif damage == "missing file":
         (stored.path / PROGRAM).unlink()
     else:
@@ -331,19 +370,22 @@ def test_altered_blob_is_caught_by_verify(store: Store,
                                           make_module: Callable[..., Path]) -> None:
     source = make_module("tiny")
     stored = store.add(source)
-    tamper(blob(store, Manifest.read(source).files[WEIGHTS].sha256), flip_byte)
+    tamper(blob(store, Manifest.read(source).tensors["extra"].sha256), flip_byte)
 
     # same size: the weights' fingerprint (ctime) changed, so reads hash them and see it
     for call in (store.resolve, store.verify):
         with pytest.raises(IntegrityError, match="sha256"):
             call("tiny")
 
-    # a module that shares the altered blob gets a fresh copy of it, not the altered one
+    # a module that shares the altered tensor blob rewrites it from its own checked bytes,
+    # which repairs every module made of that tensor
     sibling = store.add(make_module("sibling", contents={WEIGHTS: (source / WEIGHTS)
                                                          .read_bytes()}))
     assert store.verify(sibling.handle) == sibling
+    assert store.verify("tiny") == stored
+    tamper(blob(store, Manifest.read(source).tensors["extra"].sha256), flip_byte)
     with pytest.raises(IntegrityError):
-        store.verify("tiny")
+        store.verify("sibling")
     assert store.add(source) == stored
     assert_consistent(store)
 
@@ -357,6 +399,10 @@ def test_remove_then_gc(store: Store, make_module: Callable[..., Path]) -> None:
     alpha = store.add(alpha_source)
     beta = store.add(make_module("beta", contents={"assets/shared.bin": shared}))
     blobs_before = blob_names(store)
+    # alpha's own blobs (the two share their weights header: same tensor names and shapes)
+    own = expected_blobs([alpha]) - expected_blobs([beta])
+    own_bytes = sum(blob(store, h).stat().st_size for h in own)
+    assert len(own) == 2 + 3  # program, labels; tensors weight, bias, extra
 
     assert store.remove("alpha@1.0.0") == alpha
     assert not alpha.path.exists()
@@ -366,10 +412,7 @@ def test_remove_then_gc(store: Store, make_module: Callable[..., Path]) -> None:
 
     report = store.gc()
 
-    own = {rel: e for rel, e in Manifest.read(alpha_source).files.items()
-           if rel != "assets/shared.bin"}
-    assert report == GcReport(blobs_removed=len(own),
-                              bytes_freed=sum(e.size for e in own.values()),
+    assert report == GcReport(blobs_removed=len(own), bytes_freed=own_bytes,
                               tmp_removed=0, trees_removed=0)
     assert blob(store, hashlib.sha256(shared).hexdigest()).exists()
     assert store.verify("beta") == beta

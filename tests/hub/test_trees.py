@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import pytest
 
+import graft.hub.tensors as tensors
 import graft.hub.trees as trees
 from graft.errors import IntegrityError
 from graft.format.manifest import Manifest
@@ -39,18 +40,32 @@ def trusted_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the files the read check hashes, in order."""
+    """The names of the files and tensor blobs (their sha256) the read check hashes, in
+    order."""
     seen: list[str] = []
-    real = trees.sha256_stream
+    real, real_blob = trees.sha256_stream, tensors.hash_blob
+
+    def name(stream: Any) -> str:
+        return os.path.basename(os.readlink(f"/proc/self/fd/{stream.fileno()}"))
 
     def spy(stream: Any) -> str:
-        seen.append(os.path.basename(os.readlink(f"/proc/self/fd/{stream.fileno()}")))
+        seen.append(name(stream))
         return real(stream)
+
+    def spy_blob(stream: Any, whole: Any = None) -> str:
+        seen.append(name(stream))
+        return real_blob(stream, whole)
 
     if not os.path.isdir("/proc/self/fd"):
         pytest.skip("needs /proc to name the files hashed")
     monkeypatch.setattr(trees, "sha256_stream", spy)
+    monkeypatch.setattr(tensors, "hash_blob", spy_blob)
     return seen
+
+
+def tensor_blobs(store: Store, handle: str) -> list[str]:
+    """The blobs of a stored module's tensors (named by the manifest's sha256), sorted."""
+    return sorted({t.sha256 for t in store.resolve(handle).manifest().tensors.values()})
 
 
 @pytest.mark.parametrize("rel", [PROGRAM, "assets/labels.txt", "graft.json"])
@@ -74,22 +89,22 @@ def test_a_same_size_edit_of_the_weights_is_caught_even_when_trusted(
         store: Store, make_module: Callable[..., Path], tmp_path: Path, how: str,
         trusted_clock: None, hashed: list[str]) -> None:
     stored = store.add(make_module("tiny"))
-    store.open("tiny")  # hashes the weights and records a fingerprint that vouches for them
+    store.open("tiny")  # hashes the tensors and records fingerprints that vouch for them
     hashed.clear()
     store.open("tiny")
-    assert hashed and WEIGHTS not in hashed  # trusted now
-    path = stored.path / WEIGHTS
+    assert hashed and not set(tensor_blobs(store, "tiny")) & set(hashed)  # trusted now
+    path = store.blob_path(stored.manifest().tensors["extra"].sha256)
     wait_for_a_new_timestamp(tmp_path / "scratch", path.stat().st_ctime_ns)
     if how == "in place":  # same inode, same size, new mtime and ctime
         tamper(path, flip_byte)
     else:  # a new file of the same size renamed over it, mtime set back: the inode differs
         st = path.stat()
-        fresh = stored.path / "swap"
+        fresh = path.parent / "swap"
         fresh.write_bytes(flip_byte(path.read_bytes()))
         os.utime(fresh, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.chmod(path, 0o644)
         os.replace(fresh, path)
-    with pytest.raises(IntegrityError, match=f"{WEIGHTS} does not match its sha256"):
+    with pytest.raises(IntegrityError, match="tensor extra does not match its sha256"):
         store.open("tiny")
 
 
@@ -101,7 +116,7 @@ def test_fresh_weights_are_hashed_until_their_fingerprint_is_old_enough(
     for _ in range(3):
         hashed.clear()
         store.open("tiny")
-        assert WEIGHTS in hashed
+        assert set(tensor_blobs(store, "tiny")) <= set(hashed)
 
 
 def test_each_load_rehashes_programs_and_assets_but_not_trusted_weights(
@@ -111,26 +126,27 @@ def test_each_load_rehashes_programs_and_assets_but_not_trusted_weights(
     store.open("tiny")
     hashed.clear()
     store.open("tiny")
-    assert sorted(hashed) == ["forward.eval.json", "labels.txt"]  # all but the weights
+    assert sorted(hashed) == ["forward.eval.json", "labels.txt"]  # all but the tensors
     assert sorted(Manifest.read(stored.path).files) == [
         "assets/labels.txt", PROGRAM, WEIGHTS]
     hashed.clear()
     store.verify("tiny")  # verify never trusts metadata
-    assert sorted(hashed) == ["forward.eval.json", "labels.txt", WEIGHTS]
+    assert sorted(hashed) == sorted(["forward.eval.json", "labels.txt",
+                                     *tensor_blobs(store, "tiny")])
 
 
-def test_a_sibling_sharing_the_weights_blob_is_rehashed_once_then_trusted(
+def test_tensors_shared_with_a_sibling_are_hashed_once_for_both(
         store: Store, make_module: Callable[..., Path], tmp_path: Path, trusted_clock: None,
         hashed: list[str]) -> None:
+    # A tensor blob's fingerprint belongs to the blob, not to a module, and adding a module
+    # that shares it links nothing to it (its ctime stays): neither module hashes it again.
     weights = weights_bytes("shared")
-    a = store.add(make_module("a", contents={WEIGHTS: weights}))
+    store.add(make_module("a", contents={WEIGHTS: weights}))
     store.open("a")
-    wait_for_a_new_timestamp(tmp_path / "scratch", (a.path / WEIGHTS).stat().st_ctime_ns)
-    store.add(make_module("b", contents={WEIGHTS: weights}))  # links the blob: a's ctime moves
-    hashed.clear()
-    store.open("a")
-    assert WEIGHTS in hashed
-    hashed.clear()
-    store.open("a")
-    assert sorted(hashed) == ["forward.eval.json", "labels.txt"]  # weights trusted again
+    store.add(make_module("b", contents={WEIGHTS: weights}))
+    for handle in ("a", "b"):
+        hashed.clear()
+        store.open(handle)
+        assert sorted(hashed) == ["forward.eval.json", "labels.txt"]  # tensors trusted
+    assert tensor_blobs(store, "a") == tensor_blobs(store, "b")
     assert_consistent(store)

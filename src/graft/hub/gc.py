@@ -25,6 +25,7 @@ from graft.format.manifest import MANIFEST_NAME, Manifest
 from graft.hub import index, leases, staging
 from graft.hub.blobs import link_or_copy
 from graft.hub.lookup import hex_of
+from graft.hub.tensors import HEADER_LINK, WEIGHTS, is_split, read_layout
 from graft.hub.trees import validate_tree
 
 __all__ = ["GcReport", "TREE_NAME", "adopt", "collect", "delete_unused_tree"]
@@ -82,7 +83,13 @@ def collect(store: Any, conn: sqlite3.Connection) -> GcReport:
         reaped, size = staging.reap(store._tmp, entry)
         tmp, freed = tmp + reaped, freed + size
     leases.reap(store._leases, store._modules)
+    # A module indexed without its tensor rows (an index migrated from before tensor-level
+    # storage while a newer Graft had written split trees) still owns its tensor blobs.
+    for digest in index.without_tensor_rows(conn):
+        keep |= _blobs_named_by(store.module_path(digest))
     referenced = index.referenced_blobs(conn) | keep
+    with transaction(conn):
+        index.forget_blob_checks(conn)
     for fan in staging.entries(store._blobs):
         for blob in staging.entries(fan):
             if blob.name not in referenced:
@@ -105,16 +112,22 @@ def adopt(store: Any, conn: sqlite3.Connection, tree: Path) -> Any:
     if not TREE_NAME.fullmatch(tree.name):
         return None
     try:
-        manifest, fresh = validate_tree(tree)
+        manifest, fresh = validate_tree(tree, store.blob_file)
+        layout = read_layout(tree, manifest) if is_split(tree) else None
         for rel, entry in manifest.files.items():
+            if layout is not None and rel == WEIGHTS:
+                continue  # its blobs were just checked: they are all there
             blob = store.blob_path(entry.sha256)
             if not blob.exists():  # gc may have collected it while the row was missing
                 blob.parent.mkdir(parents=True, exist_ok=True)
                 link_or_copy(tree / rel, blob)
+        if layout is not None and not store.blob_path(layout.header_sha256).exists():
+            store.blob_path(layout.header_sha256).parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(tree / HEADER_LINK, store.blob_path(layout.header_sha256))
         created = datetime.fromtimestamp((tree / MANIFEST_NAME).stat().st_mtime,
                                          timezone.utc).isoformat(timespec="microseconds")
         with transaction(conn):
-            index.insert_module(conn, manifest, created, fresh)
+            index.insert_module(conn, manifest, created, fresh, layout)
     except (GraftError, OSError):
         return None
     return store._stored(conn.execute("SELECT * FROM modules WHERE digest = ?",
@@ -146,9 +159,18 @@ def delete_unused_tree(store: Any, conn: sqlite3.Connection, digest: str) -> int
 def _blobs_named_by(tree: Path) -> set[str]:
     """The blobs a tree's manifest names (none when it cannot be read)."""
     try:
-        return {e.sha256 for e in Manifest.read(tree).files.values()}
+        manifest = Manifest.read(tree)
     except (GraftError, OSError):
         return set()
+    # a tensor blob is named by the manifest's sha256 of the tensor, whatever the header says
+    named = {e.sha256 for e in manifest.files.values()} | {
+        e.sha256 for e in manifest.tensors.values()}
+    try:
+        if is_split(tree):
+            named.add(read_layout(tree, manifest).header_sha256)
+    except (GraftError, OSError):
+        pass
+    return named
 
 
 def _discard(tmp: Path, tree: Path) -> int:

@@ -25,11 +25,11 @@ from graft.errors import StoreError, VersionConflict
 from graft.format.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["Fingerprint", "RACY_NS", "SCHEMA_VERSION", "conflict_message", "connect",
-           "delete_module", "fingerprints", "forget_removed", "insert_module", "is_corruption",
+           "delete_module", "fingerprints", "forget_blob_checks", "forget_removed", "header_of", "insert_module", "is_corruption",
            "modules", "now_ns", "reader", "record_fingerprints", "referenced_blobs",
-           "removed_digests", "set_aside"]
+           "removed_digests", "set_aside", "without_tensor_rows"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT = 60.0  # seconds SQLite waits on a busy database
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS modules (
@@ -59,6 +59,28 @@ ALTER TABLE files ADD COLUMN checked_ns INTEGER;  -- when the file was hashed (t
 CREATE TABLE IF NOT EXISTS removed (
     digest  TEXT PRIMARY KEY,   -- a module `graft rm` took out of the index
     removed TEXT NOT NULL       -- UTC, ISO 8601
+);
+"""
+# Version 3: tensor-level blobs (hub/tensors.py). ``tensors`` says which blobs a module's
+# weights are made of (gc counts them as referenced); ``blob_checks`` holds the fingerprint of
+# each tensor blob when it was last hashed, once per blob however many modules share it.
+_MIGRATE_TO_3 = """
+CREATE TABLE IF NOT EXISTS tensors (
+    module TEXT NOT NULL,       -- modules.digest
+    kind   TEXT NOT NULL,       -- 'tensor', or 'header' (the safetensors header, name '')
+    name   TEXT NOT NULL,
+    sha256 TEXT NOT NULL,       -- the blob
+    size   INTEGER NOT NULL,
+    PRIMARY KEY (module, kind, name)
+);
+CREATE INDEX IF NOT EXISTS tensors_by_sha256 ON tensors (sha256);
+CREATE TABLE IF NOT EXISTS blob_checks (
+    sha256     TEXT PRIMARY KEY,
+    size       INTEGER NOT NULL,
+    mtime_ns   INTEGER NOT NULL,
+    ctime_ns   INTEGER NOT NULL,
+    inode      INTEGER NOT NULL,
+    checked_ns INTEGER NOT NULL
 );
 """
 # A timestamp only proves "unchanged since" once the clock has moved past the file system's
@@ -125,7 +147,7 @@ def reader(path: Path, *, timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
 def _require_tables(conn: sqlite3.Connection) -> None:
     """Refuse an index that lost a table (a damaged or hand-edited file)."""
     found = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    missing = {"modules", "files", "removed"} - found
+    missing = {"modules", "files", "removed", "tensors", "blob_checks"} - found
     if missing:
         raise sqlite3.DatabaseError(f"database disk image is malformed (no table "
                                     f"{', '.join(sorted(missing))})")
@@ -152,6 +174,8 @@ def connect(path: Path) -> sqlite3.Connection:
             version = 1
         if version < 2:
             conn.executescript(_MIGRATE_TO_2)
+        if version < 3:
+            conn.executescript(_MIGRATE_TO_3)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
@@ -168,9 +192,10 @@ def modules(conn: sqlite3.Connection) -> list[sqlite3.Row]:
 
 
 def insert_module(conn: sqlite3.Connection, manifest: Manifest, created: str,
-                  found: Mapping[str, Fingerprint]) -> None:
+                  found: Mapping[str, Fingerprint], layout: Any = None) -> None:
     """Insert a module's rows (in the caller's transaction), with the fingerprint of each
-    file in ``found``.
+    file (and tensor blob) in ``found``, and, for weights stored as tensor blobs, the blobs
+    of its ``layout`` (a ``tensors.Layout``).
 
     Raises:
         VersionConflict: another module has the name and version.
@@ -186,6 +211,14 @@ def insert_module(conn: sqlite3.Connection, manifest: Manifest, created: str,
                            (manifest.name, manifest.version)).fetchone()
         raise VersionConflict(conflict_message(manifest, row["digest"] if row else "?")) \
             from None
+    if layout is not None:
+        conn.executemany("INSERT OR REPLACE INTO tensors (module, kind, name, sha256, size) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         [(manifest.digest, "header", "", layout.header_sha256,
+                           len(layout.header))]
+                         + [(manifest.digest, "tensor", name, sha256, size)
+                            for name, sha256, size in layout.tensors])
+    _record_blobs(conn, found)
     rows = []
     for rel, entry in manifest.files.items():
         f = found.get(rel)
@@ -200,6 +233,7 @@ def insert_module(conn: sqlite3.Connection, manifest: Manifest, created: str,
 def delete_module(conn: sqlite3.Connection, digest: str, removed: str) -> None:
     """Take a module out of the index and remember that it was removed on purpose."""
     conn.execute("DELETE FROM files WHERE module = ?", (digest,))
+    conn.execute("DELETE FROM tensors WHERE module = ?", (digest,))
     conn.execute("DELETE FROM modules WHERE digest = ?", (digest,))
     conn.execute("INSERT OR REPLACE INTO removed (digest, removed) VALUES (?, ?)",
                  (digest, removed))
@@ -208,11 +242,31 @@ def delete_module(conn: sqlite3.Connection, digest: str, removed: str) -> None:
 def fingerprints(query: Callable[..., list[Any]], digest: str) -> dict[str, Fingerprint]:
     """The recorded fingerprint of each file of a module that has one (``query`` runs SQL on
     an open index)."""
-    return {row["path"]: Fingerprint(row["size"], row["mtime_ns"], row["ctime_ns"],
-                                     row["inode"], row["checked_ns"])
-            for row in query("SELECT path, size, mtime_ns, ctime_ns, inode, checked_ns "
-                             "FROM files WHERE module = ? AND checked_ns IS NOT NULL",
-                             (digest,))}
+    found = {row["path"]: Fingerprint(row["size"], row["mtime_ns"], row["ctime_ns"],
+                                      row["inode"], row["checked_ns"])
+             for row in query("SELECT path, size, mtime_ns, ctime_ns, inode, checked_ns "
+                              "FROM files WHERE module = ? AND checked_ns IS NOT NULL",
+                              (digest,))}
+    # tensor blobs, keyed 'sha256:<hex>' (tensors.blob_key; never a module path)
+    found.update({"sha256:" + row["sha256"]: Fingerprint(row["size"], row["mtime_ns"],
+                                                         row["ctime_ns"], row["inode"],
+                                                         row["checked_ns"])
+                  for row in query("SELECT DISTINCT b.* FROM blob_checks b JOIN tensors t "
+                                   "ON t.sha256 = b.sha256 WHERE t.module = ?", (digest,))})
+    return found
+
+
+def header_of(query: Callable[..., list[Any]], digest: str) -> str | None:
+    """The hex sha256 of a module's weights header blob, if recorded."""
+    rows = query("SELECT sha256 FROM tensors WHERE module = ? AND kind = 'header'", (digest,))
+    return str(rows[0]["sha256"]) if rows else None
+
+
+def _record_blobs(conn: sqlite3.Connection, found: Mapping[str, Fingerprint]) -> None:
+    conn.executemany("INSERT OR REPLACE INTO blob_checks (sha256, size, mtime_ns, ctime_ns, "
+                     "inode, checked_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                     [(key.removeprefix("sha256:"), f.size, f.mtime_ns, f.ctime_ns, f.inode,
+                       f.checked_ns) for key, f in found.items() if key.startswith("sha256:")])
 
 
 def record_fingerprints(path: Path, digest: str, found: dict[str, Fingerprint]) -> None:
@@ -225,6 +279,7 @@ def record_fingerprints(path: Path, digest: str, found: dict[str, Fingerprint]) 
             # A lost fingerprint costs one more hash, never a wrong answer: no fsync for it.
             conn.execute("PRAGMA synchronous = NORMAL")
             with transaction(conn):
+                _record_blobs(conn, found)
                 conn.executemany("UPDATE files SET mtime_ns = ?, ctime_ns = ?, inode = ?, "
                                  "checked_ns = ? WHERE module = ? AND path = ? AND "
                                  "size = ?",
@@ -243,7 +298,21 @@ def forget_removed(conn: sqlite3.Connection, digest: str) -> None:
 
 
 def referenced_blobs(conn: sqlite3.Connection) -> set[str]:
-    return {r["sha256"] for r in conn.execute("SELECT DISTINCT sha256 FROM files")}
+    """Every blob an indexed module references: its files and its tensor blobs."""
+    return {r["sha256"] for r in conn.execute("SELECT sha256 FROM files UNION "
+                                              "SELECT sha256 FROM tensors")}
+
+
+def without_tensor_rows(conn: sqlite3.Connection) -> list[str]:
+    """Digests of indexed modules that have no weights header row in ``tensors``."""
+    return [r["digest"] for r in conn.execute(
+        "SELECT digest FROM modules WHERE digest NOT IN "
+        "(SELECT module FROM tensors WHERE kind = 'header')")]
+
+
+def forget_blob_checks(conn: sqlite3.Connection) -> None:
+    """Drop the fingerprints of blobs that no module references any more."""
+    conn.execute("DELETE FROM blob_checks WHERE sha256 NOT IN (SELECT sha256 FROM tensors)")
 
 
 def conflict_message(manifest: Manifest, stored_digest: str) -> str:

@@ -1,5 +1,8 @@
 """Writing a module into the store: blobs, then the tree, then the index row.
 
+The weights are split into a header blob and tensor blobs (hub/tensors.py); every other
+file is one blob, hard-linked into the tree.
+
 Each step publishes with one rename, so every state a reader or a crash can leave is
 complete; a failed install takes back what it created (a killed one leaves only ``tmp/``
 entries for the next writer, or a complete tree without a row, which ``gc`` indexes again).
@@ -18,6 +21,7 @@ from graft._testing import stop_point
 from graft.format.manifest import Manifest
 from graft.hub import index, staging
 from graft.hub.blobs import link_or_copy, place_blob, publish
+from graft.hub.tensors import HEADER_LINK, WEIGHTS, place_weights
 from graft.hub.trees import fingerprinted
 
 __all__ = ["install"]
@@ -39,8 +43,14 @@ def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connecti
     new_blobs: list[Path] = []
     published = False
     try:
+        # The weights become a header blob and one blob per tensor (hub/tensors.py): a child
+        # shares every tensor it did not change with its parent.
+        layout, created = place_weights(store.blob_path, source, manifest, work)
+        new_blobs += created
         placed: set[str] = set()
         for rel, entry in manifest.files.items():
+            if rel == WEIGHTS:
+                continue
             if entry.sha256 not in placed:
                 if place_blob(store.blob_path(entry.sha256), source, rel, entry, work):
                     new_blobs.append(store.blob_path(entry.sha256))
@@ -49,9 +59,12 @@ def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connecti
         tree = work / "tree"
         tree.mkdir()
         for rel, entry in manifest.files.items():
+            if rel == WEIGHTS:
+                continue
             dest = tree / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(store.blob_path(entry.sha256), dest)
+        link_or_copy(store.blob_path(layout.header_sha256), tree / HEADER_LINK)
         manifest.write(tree)
         stop_point("add.tree-built")
         if target.exists():
@@ -65,7 +78,8 @@ def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connecti
             return ""
         created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         with transaction(conn):
-            index.insert_module(conn, manifest, created, _fingerprints(target, manifest))
+            index.insert_module(conn, manifest, created, _fingerprints(target, manifest),
+                                layout)
             stop_point("add.row-inserted")
         return created
     except BaseException:
@@ -85,4 +99,4 @@ def _fingerprints(tree: Path, manifest: Manifest) -> dict[str, index.Fingerprint
     once more before trusting these)."""
     checked = index.now_ns()
     return {rel: index.Fingerprint.of(os.stat(tree / rel), checked)
-            for rel in manifest.files if fingerprinted(rel)}
+            for rel in manifest.files if fingerprinted(rel) and rel != WEIGHTS}

@@ -2,10 +2,13 @@
 
 Layout under the root (``$GRAFT_HOME``, default ``~/.cache/graft``)::
 
-    blobs/sha256/<2 hex>/<hex>   content-addressed file blobs, read-only (hub/blobs.py)
-    modules/<digest hex>/        one tree per module: hard links to its blobs (copies where
-                                 links fail) and its graft.json (hub/trees.py)
-    index.sqlite                 which modules are stored, and what was removed (hub/index.py)
+    blobs/sha256/<2 hex>/<hex>   content-addressed blobs, read-only: files (hub/blobs.py),
+                                 and each tensor and weights header (hub/tensors.py)
+    modules/<digest hex>/        one tree per module: hard links to its file blobs (copies
+                                 where links fail), its graft.json and the link to its weights
+                                 header; not a module directory (see Store.export)
+    index.sqlite                 which modules are stored, their blobs, and what was removed
+                                 (hub/index.py)
     leases/<digest hex>          a shared flock per process that has the module loaded
     tmp/                         work and staging folders (hub/staging.py)
     lock                         held by every writer
@@ -48,6 +51,7 @@ from graft.hub.blobs import check_sources, open_regular
 from graft.hub.install import install
 from graft.hub.handles import Handle
 from graft.hub.lookup import HOW_TO_ADD, find, hex_of, store_handle, version_key
+from graft.hub.tensors import WEIGHTS, is_split
 from graft.hub.trees import check_tree
 from graft.settings import graft_home
 
@@ -82,6 +86,8 @@ class StoredModule:
     parents: tuple[Parent, ...] = ()
     damage: str | None = None
     lease: leases.Lease | None = field(default=None, compare=False, repr=False)
+    # the tensor blobs' recorded fingerprints, when open() left their check to read_tensors
+    deferred: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def handle(self) -> str:
@@ -123,6 +129,14 @@ class Store:
     def blob_path(self, sha256: str) -> Path:
         """Where the blob with this hex sha256 lives (whether or not it exists)."""
         return self._blobs / sha256[:2] / sha256
+
+    def blob_file(self, sha256: str) -> str:
+        """:meth:`blob_path` as a string, built without pathlib (for the per-tensor loops of
+        every load)."""
+        root = self.__dict__.get("_blob_root")
+        if root is None:
+            root = self.__dict__["_blob_root"] = str(self._blobs)
+        return f"{root}/{sha256[:2]}/{sha256}"
 
     def module_path(self, digest: str) -> Path:
         """Where the tree of the module with this ``sha256:<hex>`` digest lives."""
@@ -259,20 +273,50 @@ class Store:
             stored.lease.close()  # only a loaded module keeps its tree from removal
         return dataclasses.replace(stored, lease=None)
 
-    def open(self, handle: str | Handle) -> tuple[StoredModule, Manifest]:
+    def open(self, handle: str | Handle, *, reading_tensors: bool = False
+             ) -> tuple[StoredModule, Manifest]:
         """Like :meth:`resolve`, and also return the manifest the check read.
 
         The check re-hashes ``graft.json``, the programs and the assets, and hashes tensor
-        files whose file-system fingerprint changed since they were last hashed. The returned
-        entry holds a lease: until it is garbage-collected (the loader keeps it on the
-        module), ``remove`` and ``gc`` leave the tree in place.
+        files and blobs whose file-system fingerprint changed since they were last hashed.
+        The returned entry holds a lease: until it is garbage-collected (the loader keeps it
+        on the module), ``remove`` and ``gc`` leave the tree in place.
+
+        Args:
+            reading_tensors: The caller reads every tensor next with :meth:`read_tensors`,
+                which checks each blob on the descriptor it reads (one pass, not two).
         """
-        stored, recorded = self._find_with_fingerprints(store_handle(handle, "resolve"))
+        stored, recorded, header = self._find_with_fingerprints(store_handle(handle, "resolve"))
         stop_point("store.found")
         lease = leases.take(self._leases / hex_of(stored.digest))
-        manifest = self._check(stored, level="read", recorded=recorded)
+        defer = reading_tensors and header is not None and is_split(stored.path)
+        manifest = self._check(stored, level="read", recorded=recorded, header=header,
+                               defer=defer)
         stop_point("store.opened")
-        return dataclasses.replace(stored, lease=lease), manifest
+        return dataclasses.replace(stored, lease=lease,
+                                   deferred=recorded if defer else None), manifest
+
+    def read_tensors(self, stored: StoredModule, manifest: Manifest,
+                     alloc: Callable[[str, int], Any]) -> None:
+        """Read every tensor of a module opened with ``reading_tensors=True`` into buffers
+        from ``alloc(name, size)``, checking each blob as it is read: its size on the
+        descriptor, its bytes hashed unless its fingerprint vouches for them (then recorded).
+
+        Raises:
+            IntegrityError: a blob is missing, of the wrong size or altered.
+        """
+        from graft.hub.index import Fingerprint, now_ns
+        from graft.hub.tensors import read_checked
+
+        try:
+            fresh = read_checked(self.blob_file, manifest, stored.deferred, alloc, now_ns,
+                                 Fingerprint)
+        except IntegrityError as exc:
+            raise IntegrityError(f"stored module {stored.handle} ({stored.digest}) is damaged: "
+                                 f"{exc}. Run `graft verify {stored.handle}` for a full check, "
+                                 "and add the module again from its source to repair it") \
+                from None
+        index.record_fingerprints(self._index, stored.digest, fresh)
 
     def verify(self, handle: str | Handle) -> StoredModule:
         """Like :meth:`resolve`, but hash every file against the manifest.
@@ -284,6 +328,80 @@ class Store:
         stored = self._find(store_handle(handle, "verify"))
         self._check(stored, level="full", recorded={})
         return stored
+
+    def tensor_blobs(self, stored: StoredModule, manifest: Manifest
+                     ) -> dict[str, str] | None:
+        """Where each tensor of a module just opened (:meth:`open`) lives: tensor name ->
+        its blob, whose bytes are the tensor's little-endian C-order bytes, with dtype and
+        shape as the manifest records (hub/tensors.py). ``open`` checked the blobs.
+
+        Returns:
+            None for a tree that holds a whole ``weights.safetensors`` (stored before
+            tensor-level storage): read that file instead.
+        """
+        if not is_split(stored.path):
+            return None
+        return {name: self.blob_file(entry.sha256) for name, entry in manifest.tensors.items()}
+
+    def export(self, handle: str | Handle, directory: str | os.PathLike[str]) -> Path:
+        """Write a stored module out as an ordinary module directory: ``graft.json``, its
+        files, and ``weights.safetensors`` rebuilt from the tensor blobs, byte for byte the
+        file the module was added with (checked against the manifest's ``sha256``).
+
+        Args:
+            handle: A store handle.
+            directory: Where to write it; must not exist yet (it appears complete, in one
+                rename, or not at all).
+
+        Raises:
+            ModuleNotFound: no such module is stored.
+            IntegrityError: a stored file or blob is damaged.
+            StoreError: ``directory`` exists or cannot be written.
+        """
+        target = Path(directory).expanduser().absolute()
+        if target.exists() or target.is_symlink():
+            raise StoreError(f"export: {target} already exists; pass a new directory")
+        stored, manifest = self.open(handle)
+        try:
+            work = target.with_name(f".{target.name}.export-{os.getpid()}")
+            staging.rmtree(work)  # a leftover of an export killed in this process's pid
+            self._write_directory(stored, manifest, work)
+            os.rename(work, target)
+        except OSError as exc:
+            with staging.suppress_os_error():
+                staging.rmtree(work)
+            raise StoreError(f"export: cannot write {target}: {exc}") from None
+        except BaseException:
+            with staging.suppress_os_error():
+                staging.rmtree(work)
+            raise
+        finally:
+            if stored.lease is not None:
+                stored.lease.close()
+        return target
+
+    @contextmanager
+    def exported(self, handle: str | Handle) -> Iterator[Path]:
+        """A stored module as a full module directory in the store's ``tmp/`` (see
+        :meth:`export`), removed on exit: for tools that read a module directory."""
+        with self.staging() as stage:
+            yield self.export(handle, stage / "module")
+
+    def _write_directory(self, stored: StoredModule, manifest: Manifest, work: Path) -> None:
+        import shutil
+
+        from graft.hub.tensors import read_layout, write_weights
+
+        work.mkdir()
+        for rel in manifest.files:
+            dest = work / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if rel == WEIGHTS and is_split(stored.path):
+                write_weights(self.blob_path, read_layout(stored.path, manifest), dest,
+                              manifest.files[rel].sha256, read_only=False)
+            else:
+                shutil.copyfile(stored.path / rel, dest)
+        manifest.write(work)
 
     def list(self, *, check: bool = False) -> list[StoredModule]:
         """Every stored module, sorted by name, then version (numerically).
@@ -418,26 +536,32 @@ class Store:
         return find(self, handle, query, exact=exact)
 
     def _find_with_fingerprints(self, handle: Handle
-                                ) -> tuple[StoredModule, dict[str, index.Fingerprint]]:
-        """The module a handle names and its recorded fingerprints, on one connection."""
+                                ) -> tuple[StoredModule, dict[str, index.Fingerprint],
+                                           str | None]:
+        """The module a handle names, its recorded fingerprints and weights header (hex
+        sha256; None when not recorded), on one connection."""
         def work(query: Callable[..., list[Any]]) -> Any:
             stored = find(self, handle, query)
-            return stored, index.fingerprints(query, stored.digest)
+            return (stored, index.fingerprints(query, stored.digest),
+                    index.header_of(query, stored.digest))
 
         return self._reading(work)
 
     def _damage(self, stored: StoredModule, *, level: str = "sizes") -> str | None:
         """Why the stored tree does not match its index row (None when it does)."""
         try:
-            check_tree(stored.path, stored.digest, {}, level=level)
+            check_tree(stored.path, stored.digest, {}, level=level, blob_file=self.blob_file)
         except (GraftError, OSError) as exc:
             return str(exc)
         return None
 
     def _check(self, stored: StoredModule, *, level: str,
-               recorded: dict[str, index.Fingerprint]) -> Manifest:
+               recorded: dict[str, index.Fingerprint], header: str | None = None,
+               defer: bool = False) -> Manifest:
         try:
-            manifest, fresh = check_tree(stored.path, stored.digest, recorded, level=level)
+            manifest, fresh = check_tree(stored.path, stored.digest, recorded, level=level,
+                                         blob_file=self.blob_file, header_sha256=header,
+                                         defer_blobs=defer)
         except (GraftError, OSError) as exc:
             damage = str(exc)
         else:

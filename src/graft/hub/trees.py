@@ -1,7 +1,9 @@
 """Module trees in the store: checking one on every read, and validating one fully.
 
-A tree, ``modules/<digest hex>/``, is an ordinary module directory whose files are hard links
-to the blobs. Reading a module back checks its tree against the digest the index recorded:
+A tree, ``modules/<digest hex>/``, holds a module's files as hard links to the blobs, except
+its weights, which are tensor blobs with a link to their header (hub/tensors.py). Reading a
+module back checks its tree against the digest the index recorded (tensor blobs like tensor
+files, by fingerprint):
 
 - ``graft.json`` is parsed and its canonical digest must equal the index's;
 - every small file (programs, assets: kilobytes) is hashed on every read;
@@ -13,13 +15,16 @@ to the blobs. Reading a module back checks its tree against the digest the index
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+from typing import Callable
 
 from graft.errors import IntegrityError
 from graft.format.manifest import MANIFEST_NAME, Manifest
 from graft._fs import sha256_stream
 from graft.hub.blobs import open_regular
+from graft.hub import tensors
 from graft.hub.index import Fingerprint, now_ns
 
 __all__ = ["LEVELS", "check_tree", "fingerprinted", "validate_tree"]
@@ -35,14 +40,26 @@ def fingerprinted(rel: str) -> bool:
 
 
 def check_tree(tree: Path, digest: str, recorded: dict[str, Fingerprint], *,
-               level: str = "read") -> tuple[Manifest, dict[str, Fingerprint]]:
+               level: str = "read", blob_file: Callable[[str], str] | None = None,
+               header_sha256: str | None = None, defer_blobs: bool = False
+               ) -> tuple[Manifest, dict[str, Fingerprint]]:
     """Check a stored tree against the digest its index row records.
 
     Args:
         tree: The module tree.
         digest: ``sha256:<hex>`` the index records for it.
-        recorded: Fingerprints of its tensor files when they were last hashed.
+        recorded: Fingerprints of its tensor files when they were last hashed, and of its
+            tensor blobs (keyed by ``tensors.blob_key``).
         level: One of :data:`LEVELS`.
+        blob_file: The store's hex sha256 -> blob path; needed for a tree whose weights are
+            tensor blobs (hub/tensors.py): its header is hashed on every check, its blobs
+            checked like tensor files.
+        header_sha256: The weights header the index recorded; at ``read`` and ``sizes``
+            the header is then only hashed against it, not parsed (the loader builds
+            tensors from the manifest and the blobs; the header says only where each sat in
+            the file).
+        defer_blobs: With ``header_sha256`` at ``read``: leave the tensor blobs to the
+            caller, who reads and checks each (``tensors.read_checked``).
 
     Returns:
         The manifest, and fresh fingerprints of the tensor files this call hashed and found
@@ -57,7 +74,30 @@ def check_tree(tree: Path, digest: str, recorded: dict[str, Fingerprint], *,
         raise IntegrityError(f"its {MANIFEST_NAME} has digest {manifest.digest}, but the store "
                              f"records {digest} for it")
     fresh: dict[str, Fingerprint] = {}
+    split = tensors.is_split(tree)
+    if split:
+        if blob_file is None:
+            raise IntegrityError("its weights are stored as tensor blobs; open it through the "
+                                 "store (Store.open, Store.export)")
+        if level != "full" and header_sha256 is not None:
+            tensors.check_header(tree, header_sha256)
+            if not defer_blobs:
+                fresh.update(tensors.check_blobs(blob_file, tensors.manifest_tensors(manifest),
+                                                 recorded, level, now_ns, Fingerprint))
+        else:
+            # parsed: it must describe exactly the manifest's tensors; at ``full`` the file
+            # the blobs rebuild must hash to the manifest's sha256 (covering the header)
+            layout = tensors.read_layout(tree, manifest)
+            whole = hashlib.sha256(layout.header) if level == "full" else None
+            fresh.update(tensors.check_blobs(blob_file, list(layout.tensors), recorded, level,
+                                             now_ns, Fingerprint, whole))
+            if whole is not None and whole.hexdigest() != manifest.files[tensors.WEIGHTS].sha256:
+                raise IntegrityError(f"its {tensors.WEIGHTS}, rebuilt from the header and "
+                                     "tensor blobs, does not match its sha256 in the manifest: "
+                                     "the header was altered")
     for rel, entry in manifest.files.items():
+        if split and rel == tensors.WEIGHTS:
+            continue
         checked = now_ns()  # before fstat: a change after it then always counts as racy
         with open_regular(tree, rel) as f:
             st = os.fstat(f.fileno())
@@ -77,7 +117,8 @@ def check_tree(tree: Path, digest: str, recorded: dict[str, Fingerprint], *,
     return manifest, fresh
 
 
-def validate_tree(tree: Path) -> tuple[Manifest, dict[str, Fingerprint]]:
+def validate_tree(tree: Path, blob_file: Callable[[str], str] | None = None
+                  ) -> tuple[Manifest, dict[str, Fingerprint]]:
     """Validate a tree that has no index row as completely as ``Store.add`` validates a
     module: every byte hashed, every file regular, every program checked.
 
@@ -88,9 +129,20 @@ def validate_tree(tree: Path) -> tuple[Manifest, dict[str, Fingerprint]]:
         GraftError (IntegrityError, FormatError, ...) or OSError: it is not a valid module,
             or its folder name is not its digest.
     """
-    from graft.format.validate import check_module  # the program reader: only for adoption
+    from graft.format.files import check_file
+    from graft.format.manifest import resolve_inside
+    from graft.format.validate import check_module, check_programs  # only for adoption
 
     digest = "sha256:" + tree.name
-    manifest, fresh = check_tree(tree, digest, {}, level="full")
-    check_module(tree, manifest, hash_contents=False)  # every byte was hashed just now
+    manifest, fresh = check_tree(tree, digest, {}, level="full", blob_file=blob_file)
+    if not tensors.is_split(tree):
+        check_module(tree, manifest, hash_contents=False)  # every byte was hashed just now
+        return manifest, fresh
+    # The weights are blobs whose header and tensors check_tree just matched against the
+    # manifest; every other file gets check_module's checks.
+    root = tree.resolve()
+    for rel in manifest.files:
+        if rel != tensors.WEIGHTS:
+            check_file(resolve_inside(root, rel), rel)
+    check_programs(tree, manifest)
     return manifest, fresh

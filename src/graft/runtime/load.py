@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from graft.errors import FormatError, IntegrityError
+from graft.errors import FormatError, IntegrityError, NotTrainable
 from graft.format.manifest import Manifest, resolve_inside
 from graft.format.validate import check_module
 from graft.runtime.module import Module
@@ -23,7 +23,8 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
 
     Args:
         handle: ``name``, ``name@1.0.0``, ``name@sha256:<hex>`` (the local store), a module
-            directory (``./path``, ``/abs/path``, ``file://...``).
+            directory (``./path``, ``/abs/path``, ``file://...``), or a module on an OCI
+            registry (``oci://host/ns/name:1.0.0``, pulled into the store on first use).
         trainable: ``True``: parameters require grad and ``.train()`` runs the train programs.
             ``False``: frozen, always the eval programs. ``None``: the module's own policy.
         batch_norm: In train mode, ``"update"`` (batch statistics, running statistics
@@ -34,18 +35,26 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
     Raises:
         ModuleNotFound: nothing answers to the handle.
         IntegrityError: a file does not match its recorded digest.
+        NotTrainable: ``trainable=True`` for a module saved eval-only (the reason is given).
         FormatError / UnsafeContentError: the module is malformed or holds code or pickles.
     """
     from graft.hub.handles import parse_handle
 
     parsed = parse_handle(handle)
+    if parsed.kind == "oci":
+        from graft.hub.oci.pull import pull
+
+        # Pulled, verified and cached on first use; from then on a store module like any.
+        pulled = pull(parsed.url, store=store)
+        parsed = parse_handle(f"{pulled.name}@{pulled.digest}")
     if parsed.kind == "store":
         from graft.hub.store import Store
 
-        stored, manifest = (store or Store()).open(parsed)
+        stored, manifest = (store or Store()).open(parsed, reading_tensors=True)
         directory = Path(stored.path)
         # The store checked every byte and refused code and pickles when the module entered
-        # it; open() re-checked that every file is there with its size (verify-on-read).
+        # it; open() re-hashed the small files and checked the weights' fingerprint
+        # (docs/store.md).
     elif parsed.kind == "path":
         directory = Path(parsed.path).expanduser()
         manifest = Manifest.read(directory)
@@ -53,11 +62,32 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
     else:
         raise FormatError(f"cannot load {handle!s}: remote registries are not configured in "
                           "this version; pull the module into the local store first")
-    tensors = read_safetensors(resolve_inside(directory.resolve(), "weights.safetensors"))
+    if trainable and manifest.fine_tuning.eval_only:
+        raise NotTrainable(f"module {manifest.name}@{manifest.version} cannot be fine-tuned: "
+                           f"it was saved eval-only ({manifest.fine_tuning.eval_only}); load it "
+                           "with trainable=False to run it, or re-save the model with a "
+                           "train mode that torch.export can trace")
+    if parsed.kind == "store" and stored.deferred is not None:
+        # The store keeps each tensor as its own blob, checked as it is read (docs/store.md).
+        tensors = _read_stored(store or Store(), stored, manifest)
+    elif parsed.kind == "store" and (blobs := (store or Store()).tensor_blobs(stored, manifest)) \
+            is not None:
+        tensors = _read_blobs(manifest, blobs)  # checked by open()
+    else:
+        tensors = read_safetensors(resolve_inside(directory.resolve(), "weights.safetensors"))
+        # safetensors hands out tensors at the file's byte offsets; kernels vectorise
+        # differently over misaligned memory (EfficientNet's eval logits moved by 1e-13), so
+        # each tensor gets its own allocation, as the source model's had: bit-exact with
+        # eager, not just close.
+        tensors = {k: v.clone() for k, v in tensors.items()}
     _check_tensors(manifest, tensors)
-    return Module(manifest, directory, tensors,
-                  trainable=manifest.fine_tuning.trainable if trainable is None else trainable,
-                  batch_norm=batch_norm)
+    module = Module(manifest, directory, tensors,
+                    trainable=manifest.fine_tuning.trainable if trainable is None else trainable,
+                    batch_norm=batch_norm)
+    if parsed.kind == "store":
+        # While the module lives, `graft rm` and `gc` leave its tree (read lazily) in place.
+        module._store_lease = stored.lease
+    return module
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -65,11 +95,62 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from graft.format.tensorfile import read_safetensors_header
+
+    # Structure and bounds first (a regular file, offsets inside it, no absurd tensors), by
+    # Graft's own reader, before safetensors maps it.
+    read_safetensors_header(path, what=path.name)
     try:
         return load_file(str(path))
     except (SafetensorError, ValueError, OSError) as exc:
         raise FormatError(f"{path.name} is not a valid safetensors file ({exc}); the module "
                           "is corrupt") from None
+
+
+_TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32,
+                 "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+                 "bool": torch.bool}
+
+
+def _read_stored(store: Any, stored: Any, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """Each tensor from its store blob into a fresh (aligned) torch allocation, dtype and
+    shape from the validated manifest; the store checks every blob on the way."""
+    import sys
+
+    if sys.byteorder != "little":
+        raise FormatError("tensor blobs hold little-endian bytes; this machine is big-endian")
+    flats: dict[str, torch.Tensor] = {}
+
+    def alloc(name: str, size: int) -> Any:
+        flats[name] = torch.empty(size, dtype=torch.uint8)
+        return flats[name].numpy()
+
+    store.read_tensors(stored, manifest, alloc)
+    return {name: flats[name].view(_TORCH_DTYPES[entry.dtype]).view(entry.shape)
+            for name, entry in manifest.tensors.items()}
+
+
+def _read_blobs(manifest: Manifest, blobs: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Build each tensor from its store blob: dtype and shape from the validated manifest,
+    the bytes read straight into a fresh (aligned) torch allocation; nothing is parsed."""
+    import sys
+
+    from graft.hub.tensors import read_tensor
+
+    if sys.byteorder != "little":
+        raise FormatError("tensor blobs hold little-endian bytes; this machine is big-endian")
+    out = {}
+    for name, entry in manifest.tensors.items():
+        dtype = _TORCH_DTYPES[entry.dtype]  # the manifest allows only these names
+        count = dtype.itemsize
+        for dim in entry.shape:
+            count *= dim
+        flat = torch.empty(count, dtype=torch.uint8)
+        if count:
+            read_tensor(blobs[name], count, flat.numpy())
+        out[name] = flat.view(dtype).view(entry.shape)
+    return out
 
 
 def _check_tensors(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:

@@ -30,6 +30,7 @@ from graft._fs import sha256_bytes
 from graft.errors import FormatError, IntegrityError
 from graft.format import jsonio
 from graft.format.manifest import MANIFEST_NAME, Manifest, canonical_json, check_relative_path
+from graft.hub.tensors import HEADER_LINK, is_split, read_layout
 
 __all__ = [
     "ARTIFACT_TYPE",
@@ -188,9 +189,12 @@ class Plan:
                                          f"is not the tensor {MANIFEST_NAME} records")
 
 
-def build_manifest(module: Manifest, directory: Path, subject: Descriptor | None = None
+def build_manifest(module: Manifest, directory: Path, subject: Descriptor | None = None,
+                   blob_path: Any = None
                    ) -> tuple[bytes, Plan, dict[str, tuple[Path, int, int]]]:
-    """The OCI manifest bytes of a module directory.
+    """The OCI manifest bytes of a module directory, or of a store tree whose weights are
+    tensor blobs (``blob_path``: the store's hex sha256 -> blob; the store checked them when
+    it opened the module, and their bytes are sent straight from the blobs).
 
     Returns:
         ``(manifest bytes, plan, sources)``: ``sources`` maps each layer digest to the file
@@ -207,6 +211,18 @@ def build_manifest(module: Manifest, directory: Path, subject: Descriptor | None
     sources: dict[str, tuple[Path, int, int]] = {}
     for rel, entry in sorted(module.files.items()):
         path = directory / rel
+        if rel == WEIGHTS and blob_path is not None and is_split(directory):
+            layout = read_layout(directory, module)
+            header = Descriptor(HEADER_TYPE, "sha256:" + layout.header_sha256,
+                                len(layout.header), {TITLE: rel})
+            sources.setdefault(header.digest, (directory / HEADER_LINK, 0, len(layout.header)))
+            tensors = []
+            for name, hexdigest, size in layout.tensors:
+                d = Descriptor(TENSOR_TYPE, "sha256:" + hexdigest, size, {TENSOR_NAME: name})
+                tensors.append((name, d))
+                sources.setdefault(d.digest, (blob_path(hexdigest), 0, size))
+            tensor_files[rel] = TensorFile(header, tuple(tensors))
+            continue
         if rel.endswith(".safetensors"):
             expected = ({n: t.sha256 for n, t in module.tensors.items()} if rel == WEIGHTS
                         else None)

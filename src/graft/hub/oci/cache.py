@@ -8,9 +8,10 @@
     refs/tag-<hex>.json        sha256 of 'registry/repository:tag' -> last manifest seen there
     locations/<hex>.json       a module digest -> where it was pushed or pulled from
 
-Blobs stay here only between a download and the store's ``add``; after that the module's own
-files hold the bytes, and the tensors of stored modules are found again through their
-``weights.safetensors`` (see :func:`local_tensors`). So a pulled module costs its bytes once.
+Blobs stay here only between a download and the store's ``add``; after that the store holds
+the bytes (every tensor as its own blob, named by its sha256), and a pull finds the tensors it
+already has there (see :func:`local_tensors`), so only a child's new tensors are fetched and a
+pulled module costs its bytes once.
 The records let a pinned reference resolve without the network, and let a push of a child
 mount its parent's blobs from the repository the parent came from.
 """
@@ -134,6 +135,15 @@ def local_tensors(store: Any, wanted: set[str], first: Iterable[str] = ()
     found: dict[str, tuple[Path, int, int]] = {}
     if not wanted:
         return found
+    # The store's own tensor blobs first: a blob is named by the tensor's sha256.
+    blob_path = getattr(store, "blob_path", None)
+    if blob_path is not None:
+        for hexdigest in wanted:
+            with contextlib.suppress(OSError):
+                size = blob_path(hexdigest).stat().st_size
+                found[hexdigest] = (blob_path(hexdigest), 0, size)
+        if wanted <= set(found):
+            return found
     parents: list[Path] = []
     for handle in first:
         with contextlib.suppress(Exception):  # a parent not stored here is simply not a source

@@ -4,8 +4,9 @@ The walk: local first (a reference pinned by digest that is already stored retur
 the network; under ``GRAFT_OFFLINE=1`` nothing else is tried), then the manifest, validated
 as a Graft artifact; the config blob, which must be a valid, canonical ``graft.json`` whose
 digest is what the manifest says; the layers checked against that ``graft.json``; then only
-the blobs the store lacks (tensors are looked up in the stored modules' weights, a child's
-parents first), downloaded in parallel and each verified before use; the module directory is
+the blobs the store lacks (a tensor is found by its digest among the store's tensor blobs,
+then in the weights of older stored trees, a child's parents first), downloaded in parallel
+and each verified before use; the module directory is
 assembled in a staging folder of the store and added with ``Store.add``, which re-checks every
 byte, so a module becomes visible only when all of it is there.
 """

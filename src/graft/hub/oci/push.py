@@ -97,7 +97,10 @@ def push(handle: Any, reference: str | Reference, *, store: Any = None,
         subject, copied = None, {"uploaded": 0, "mounted": 0}
         if parent is not None:
             subject, copied = _subject(client, ref, parent, progress, chunk_size, workers)
-        data, plan, sources = build_manifest(module, directory, subject)
+        # a store tree sends its tensors straight from the store's blobs (hub/tensors.py)
+        in_store = Path(directory).parent == store.module_path(module.digest).parent
+        data, plan, sources = build_manifest(module, directory, subject,
+                                             store.blob_path if in_store else None)
         readers = _readers(module, plan, sources)
         counts = _send_blobs(client, ref.repository, plan.blobs().values(), plan.config,
                              readers, mount_from, progress, chunk_size, workers,
