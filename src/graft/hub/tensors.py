@@ -265,30 +265,39 @@ def _place_stream(blob: Path, src: BinaryIO, size: int, sha256: str, whole: Any,
     return not existed
 
 
-def read_tensor(blob: str, size: int, into: Any) -> None:
-    """Read a tensor blob into a writable buffer of ``size`` bytes, refusing a blob of
-    another size or type (its contents were checked by the store, see trees.check_tree).
-    Plain descriptors, no file objects: this runs for every tensor of every load."""
+def _read_exact(path: str, size: int, into: Any, what: str) -> os.stat_result:
+    """Read the regular file ``path`` of exactly ``size`` bytes into the buffer ``into``.
+
+    Plain descriptors, no file objects: this runs for every tensor of every load.
+
+    Returns:
+        The file's ``fstat``, taken on the descriptor that was read.
+    """
     try:
-        fd = os.open(blob, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
-        raise IntegrityError(f"tensor blob {os.path.basename(blob)[:12]} is missing from the "
-                             "store") from None
+        raise IntegrityError(f"{what} is missing from the store") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            raise IntegrityError(f"tensor blob {os.path.basename(blob)[:12]} is {st.st_size} "
-                                 f"bytes, not the {size} the manifest records")
+            raise IntegrityError(f"{what} is {st.st_size} bytes but the manifest records "
+                                 f"{size}: it is truncated or altered")
         view = memoryview(into).cast("B")
         done = 0
         while done < size:
             n = os.readv(fd, [view[done:]])
             if not n:
-                raise IntegrityError(f"tensor blob {os.path.basename(blob)[:12]} was "
-                                     "truncated while it was read")
+                raise IntegrityError(f"{what} was truncated while it was read")
             done += n
+        return st
     finally:
         os.close(fd)
+
+
+def read_tensor(blob: str, size: int, into: Any) -> None:
+    """Read a tensor blob into a writable buffer of ``size`` bytes, refusing a blob of
+    another size or type (its contents were checked by the store, see trees.check_tree)."""
+    _read_exact(blob, size, into, f"tensor blob {os.path.basename(blob)[:12]}")
 
 
 def read_checked(blob_file: Callable[[str], str], manifest: Manifest,
@@ -310,27 +319,9 @@ def read_checked(blob_file: Callable[[str], str], manifest: Manifest,
         into = alloc(name, size)
         if not size:
             continue
-        path = blob_file(sha256)
         checked = now_ns()  # before the fstat: a change after it always counts as racy
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except FileNotFoundError:
-            raise IntegrityError(f"the blob of tensor {name} ({sha256[:12]}) is missing from "
-                                 "the store") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-                raise IntegrityError(f"the blob of tensor {name} is {st.st_size} bytes but the "
-                                     f"manifest records {size}: it is truncated or altered")
-            view = memoryview(into).cast("B")
-            done = 0
-            while done < size:
-                n = os.readv(fd, [view[done:]])
-                if not n:
-                    raise IntegrityError(f"the blob of tensor {name} was truncated while read")
-                done += n
-        finally:
-            os.close(fd)
+        st = _read_exact(blob_file(sha256), size, into, f"the blob of tensor {name}")
+        view = memoryview(into).cast("B")
         key = blob_key(sha256)
         vouched = recorded.get(key)
         if key in fresh or (vouched is not None and vouched.vouches_for(st)):
