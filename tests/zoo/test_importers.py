@@ -58,9 +58,12 @@ def photos() -> dict[str, np.ndarray]:
 
 
 def test_both_modules_verify_and_have_cards(zoo):
+    store = graft.Store()
     for name in ("efficientnet-lite0", "minilm-l6", "cat-dog-other"):
-        stored = graft.Store().resolve(name)
-        report = verify_module(stored.path)
+        stored = store.resolve(name)
+        # The store keeps tensors as blobs; verify reads a module directory written back out.
+        with store.exported(stored.pinned_handle) as directory:
+            report = verify_module(directory)
         assert report.tensors > 0 and report.signatures
         card = (stored.path / "README.md").read_text()
         assert "## Signatures" in card and "License" in card
