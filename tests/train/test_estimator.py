@@ -88,16 +88,21 @@ SCRIPT = textwrap.dedent("""
                 print(f"checkpoint {step}", flush=True)
                 if mode == "hang" and step == 20:
                     time.sleep(600)  # the test SIGKILLs the process here
+                if mode == "slow" and step == 10:
+                    paused.append(step)  # the next example read waits for the test's Ctrl-C
+
+    paused = []
 
     log = logging.getLogger("graft.train")
     log.setLevel(logging.INFO)
     log.addHandler(Report())
 
-    class Slow(Dataset):  # slow enough that a SIGINT lands mid-training
+    class Slow(Dataset):  # after checkpoint 10, stops mid-training until the SIGINT arrives
         def __init__(self, inner): self.inner = inner
         def __len__(self): return len(self.inner)
         def __getitem__(self, i):
-            time.sleep(0.004)
+            if paused:
+                time.sleep(600)  # a named point: the test's SIGINT interrupts it
             return self.inner[i]
 
     g = torch.Generator().manual_seed(0)
