@@ -5,13 +5,15 @@ also time the exported page in headless Chromium). One run on this machine, medi
 repeated calls after a warm-up, batch 1 and 32, for
 
 - EfficientNet-Lite0 ``classify`` (224x224 images), and
-- all-MiniLM-L6-v2 ``embed`` (32-token sentences).
+- all-MiniLM-L6-v2 ``embed``: batch 1 at 12 tokens (a short sentence or a search query), 32
+  and 128 tokens, and batch 32 at 32 tokens.
 
 The eager baseline is the model a user would write: Graft's eager architecture with the same
 weights (``graft.zoo.efficientnet`` / ``graft.zoo.minilm``), ``torch.no_grad``, eval mode;
-``graft.load`` (the module's stored program, run by Graft's runtime) is shown beside it.
-ORT and torch use the same number of threads. Ratios are eager time / other time: above 1
-means faster than eager.
+``graft.load`` (the module's stored program, run by Graft's runtime) is shown beside it. For
+MiniLM the model a user would otherwise pick, sentence-transformers over the same files, is
+timed too (its own row; skipped when the package is missing). ORT and torch use the same
+number of threads. Ratios are eager time / other time: above 1 means faster than eager.
 """
 
 from __future__ import annotations
@@ -49,13 +51,37 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _inputs(name: str, batch: int) -> tuple[torch.Tensor, ...]:
+#: (batch, tokens) rows of each module; tokens is None for images.
+_SHAPES = {"efficientnet-lite0": ((1, None), (32, None)),
+           "minilm-l6": ((1, 12), (1, 32), (1, 128), (32, 32))}
+
+
+def _inputs(name: str, batch: int, tokens: int | None) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(batch)
     if name == "efficientnet-lite0":
         return (torch.randn(batch, 3, 224, 224, generator=g),)
-    ids = torch.randint(1000, 20000, (batch, 32), generator=g)
+    assert tokens is not None
+    ids = torch.randint(1000, 20000, (batch, tokens), generator=g)
     ids[:, 0], ids[:, -1] = 101, 102
-    return ids, torch.ones(batch, 32, dtype=torch.int64)
+    return ids, torch.ones(batch, tokens, dtype=torch.int64)
+
+
+def _sentence_transformers() -> Callable[..., torch.Tensor] | None:
+    """all-MiniLM-L6-v2 as sentence-transformers runs it (transformer, mean pooling, L2 norm)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    from graft.zoo import minilm
+
+    model = SentenceTransformer(str(minilm.model_dir()), device="cpu").eval()
+
+    def embed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        features = {"input_ids": ids, "attention_mask": mask,
+                    "token_type_ids": torch.zeros_like(ids)}
+        return model(features)["sentence_embedding"]
+
+    return embed
 
 
 def _eager(name: str) -> Callable[..., torch.Tensor]:
@@ -81,25 +107,30 @@ def bench_module(name: str, signature: str, workdir: Path, repeats: int, threads
     session = onnx_session(exported.path, threads=threads)
     eager = _eager(name)
     compiled = torch.compile(eager)
+    other = _sentence_transformers() if name == "minilm-l6" else None
     input_names = [i.name for i in session.get_inputs()]
-    rows: dict[int, dict[str, float]] = {}
-    for batch in (1, 32):
-        inputs = _inputs(name, batch)
+    rows: dict[tuple[int, int | None], dict[str, float]] = {}
+    for batch, tokens in _SHAPES[name]:
+        inputs = _inputs(name, batch, tokens)
         feeds = {k: v.numpy() for k, v in zip(input_names, inputs)}
         count = repeats if batch == 1 else max(3, repeats // 4)
+        fns = {
+            "torch eager": lambda: eager(*inputs),
+            "graft.load (program)": lambda: module.call(signature, *inputs),
+            "torch.compile": lambda: compiled(*inputs),
+            "ONNX Runtime": lambda: session.run(None, feeds),
+        }
+        if other is not None:
+            fns["sentence-transformers"] = lambda: other(*inputs)
         with torch.no_grad():
-            times = _interleaved_medians({
-                "torch eager": lambda: eager(*inputs),
-                "graft.load (program)": lambda: module.call(signature, *inputs),
-                "torch.compile": lambda: compiled(*inputs),
-                "ONNX Runtime": lambda: session.run(None, feeds),
-            }, count)
-        rows[batch] = times
+            rows[batch, tokens] = _interleaved_medians(fns, count)
     return {"parity": exported.max_abs_diff, "rows": rows}
 
 
-def bench_browser(workdir: Path, repeats: int) -> dict[str, float]:
-    """Time per image in the exported page (ONNX Runtime Web, wasm, one thread)."""
+def bench_browser(workdir: Path, repeats: int, *, isolated: bool) -> dict[str, float]:
+    """Time per image in the exported page (ONNX Runtime Web, wasm): one thread from a plain
+    static server, or as many as the page takes (up to 4) when served cross-origin isolated,
+    as `graft serve` serves its try pages."""
     import functools
     import http.server
     import threading
@@ -112,7 +143,9 @@ def bench_browser(workdir: Path, repeats: int) -> dict[str, float]:
     from graft.zoo import import_module
 
     import_module("efficientnet-lite0")
-    site = export_web("efficientnet-lite0", workdir / "site")
+    root = workdir / "site"
+    if not root.exists():  # one site for both runs
+        export_web("efficientnet-lite0", root)
     photo = workdir / "photo.png"
     Image.fromarray(np.full((300, 451, 3), 128, np.uint8)).save(photo)
 
@@ -123,8 +156,14 @@ def bench_browser(workdir: Path, repeats: int) -> dict[str, float]:
         def log_message(self, *args: object) -> None:
             pass
 
+        def end_headers(self) -> None:
+            if isolated:
+                self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+                self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+            super().end_headers()
+
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(site.path)))
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with sync_playwright() as p:
@@ -139,11 +178,13 @@ def bench_browser(workdir: Path, repeats: int) -> dict[str, float]:
                 page.set_input_files("#try-file", str(photo))
                 page.wait_for_function("window.graftPage.last !== null", timeout=120_000)
             timings = page.evaluate("window.graftPage.timings")[2:]  # after two warm-ups
+            threads = page.evaluate("window.graftPage.threads")
             browser.close()
     finally:
         server.shutdown()
     return {"inference": statistics.median(t["inference"] for t in timings),
-            "preprocess": statistics.median(t["preprocess"] for t in timings)}
+            "preprocess": statistics.median(t["preprocess"] for t in timings),
+            "threads": threads}
 
 
 def main() -> None:
@@ -170,19 +211,27 @@ def main() -> None:
             result = bench_module(name, signature, Path(tmp), repeats, threads)
             print(f"\n{name}:{signature}  (ONNX vs PyTorch on the reference inputs: max abs "
                   f"difference {result['parity']:.1e})")
-            for batch, times in result["rows"].items():
+            for (batch, tokens), times in result["rows"].items():
                 base = times["torch eager"]
-                print(f"  batch {batch}")
+                print(f"  batch {batch}" + (f", {tokens} tokens" if tokens else ""))
                 for label, ms in times.items():
                     print(f"    {label:<24} {ms:9.2f} ms   {base / ms:5.2f}x eager")
+                if "sentence-transformers" in times:
+                    print(f"    ONNX Runtime vs sentence-transformers: "
+                          f"{times['sentence-transformers'] / times['ONNX Runtime']:.2f}x")
             if name == "efficientnet-lite0":
-                ort_batch1 = result["rows"][1]["ONNX Runtime"]
+                ort_batch1 = result["rows"][1, None]["ONNX Runtime"]
         if args.browser or args.browser_only:
-            page = bench_browser(Path(tmp), repeats)
-            python = f"; ORT in Python: {ort_batch1:.1f} ms" if ort_batch1 else ""
-            print(f"\nefficientnet-lite0:classify in the page (Chromium, ONNX Runtime Web wasm, "
-                  f"1 thread): {page['inference']:.1f} ms per image in the model, "
-                  f"{page['preprocess']:.1f} ms to decode and resize{python}")
+            python = f" (ORT in Python, {threads} thread(s): {ort_batch1:.1f} ms)" \
+                if ort_batch1 else ""
+            print(f"\nefficientnet-lite0:classify in the page (Chromium, ONNX Runtime Web "
+                  f"wasm){python}")
+            for isolated in (False, True):
+                page = bench_browser(Path(tmp), repeats, isolated=isolated)
+                how = "cross-origin isolated" if isolated else "plain static server"
+                print(f"  {how:<22} {page['threads']} thread(s): {page['inference']:.1f} ms "
+                      f"per image in the model, {page['preprocess']:.1f} ms to decode and "
+                      "resize")
 
 
 if __name__ == "__main__":

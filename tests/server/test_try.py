@@ -94,6 +94,11 @@ def test_try_page_runs_the_module_as_pytorch_does(serve, browser, tmp_path):
         assert "'wasm-unsafe-eval'" in csp and "'unsafe-inline'" not in csp
         assert page.evaluate("window.graftPage.ready") is True, \
             page.evaluate("window.graftPage.errors")
+        # Cross-origin isolated, so ONNX Runtime Web runs on as many threads as it may.
+        assert response.headers["cross-origin-embedder-policy"] == "require-corp"
+        assert page.evaluate("self.crossOriginIsolated") is True
+        cores = page.evaluate("navigator.hardwareConcurrency")
+        assert page.evaluate("window.graftPage.threads") == min(4, cores)
         page.evaluate("window.graftPage.last = null")
         page.set_input_files("#try-file", str(photo))
         page.wait_for_function("window.graftPage.last !== null || window.graftPage.errors.length",
@@ -102,6 +107,8 @@ def test_try_page_runs_the_module_as_pytorch_does(serve, browser, tmp_path):
         assert shown is not None, page.evaluate("window.graftPage.errors")
         got = torch.tensor(shown["probs"], dtype=torch.float64)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        threads = "1 thread" if cores == 1 else f"{min(4, cores)} threads"
+        assert f"(WebAssembly, {threads})" in page.inner_text("#try-time")
         assert not crashes, crashes
         page.screenshot(path=str(tmp_path / "try.png"), full_page=True)
 

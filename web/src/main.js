@@ -1,7 +1,7 @@
 // The page: run a module's signature on an image or text, and train a softmax head on the
 // module's features, all in the browser. site.json (written by `graft export web`) says what
 // the module is and where its ONNX models are.
-import { Signature } from "./model.js";
+import { Signature, wasmThreads } from "./model.js";
 import * as head from "./head.js";
 
 // Larger images would take gigabytes to decode; phones' 48-megapixel photos still pass.
@@ -10,7 +10,8 @@ const MAX_BYTES = 100 * 2 ** 20;
 const TOP = 5;
 
 const $ = (id) => document.getElementById(id);
-const state = { errors: [], examples: [], last: null, headLast: null, training: null, timings: [] };
+const state = { errors: [], examples: [], last: null, headLast: null, training: null, timings: [],
+  threads: wasmThreads };
 window.graftPage = state;
 
 function show(message, kind = "error") {
@@ -144,7 +145,8 @@ async function tryExample(example) {
       $("embedding").hidden = false;
       $("embedding").textContent = `${output.name}: ${values.length} values, norm ${norm.toFixed(4)}: [${Array.from(values.slice(0, 6), (v) => v.toFixed(4)).join(", ")}, …]`;
     }
-    $("try-time").textContent = `${result.inferenceMs.toFixed(1)} ms in the model (WebAssembly), ${result.preprocessMs.toFixed(1)} ms to ${site.kind === "image" ? "decode and resize" : "tokenize"}`;
+    const threads = wasmThreads === 1 ? "1 thread" : `${wasmThreads} threads`;
+    $("try-time").textContent = `${result.inferenceMs.toFixed(1)} ms in the model (WebAssembly, ${threads}), ${result.preprocessMs.toFixed(1)} ms to ${site.kind === "image" ? "decode and resize" : "tokenize"}`;
     state.last = { name, values: Array.from(values), probs, top, ...result };
     status("Ready.");
   } catch (err) {

@@ -7,7 +7,9 @@ import { WordPieceTokenizer } from "./tokenizer.js";
 // The WebAssembly files are served by the site itself, from ort/ beside the page.
 ort.env.wasm.wasmPaths = new URL("ort/", document.baseURI).href;
 // Threads need cross-origin isolation (SharedArrayBuffer); a plain static server has none.
+// `graft serve` isolates its try pages; docs/browser.md says which headers a host needs.
 ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+export const wasmThreads = ort.env.wasm.numThreads;
 ort.env.logLevel = "error";
 
 export class Signature {

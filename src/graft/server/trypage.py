@@ -49,6 +49,12 @@ __all__ = ["TRY_CSP", "TryPages"]
 TRY_CSP = ("default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
            "img-src 'self' data: blob:; connect-src 'self'; worker-src 'self' blob:; "
            "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+#: Cross-origin isolation on every try-page response: it lets the page share memory with
+#: workers (``SharedArrayBuffer``), so ONNX Runtime Web runs on several threads. The page and
+#: everything it loads come from this origin, so nothing it needs is blocked by it.
+ISOLATION = {"cross-origin-opener-policy": "same-origin",
+             "cross-origin-embedder-policy": "require-corp",
+             "cross-origin-resource-policy": "same-origin"}
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".mjs": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".wasm": "application/wasm", ".json": "application/json",
@@ -243,9 +249,9 @@ def _send_listed(folder: Path, name: str) -> Response:
 
 def _send(path: Path) -> Response:
     return FileResponse(path, media_type=_TYPES[path.suffix],
-                        headers={"content-security-policy": TRY_CSP})
+                        headers={"content-security-policy": TRY_CSP, **ISOLATION})
 
 
 def _missing(name: str) -> Response:
     return PlainTextResponse(f"no file {name[:80]!r} here", status_code=404,
-                        headers={"content-security-policy": TRY_CSP})
+                             headers={"content-security-policy": TRY_CSP, **ISOLATION})
