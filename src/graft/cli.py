@@ -185,7 +185,7 @@ def cmd_rm(args: argparse.Namespace) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> None:
-    report = _store().gc()
+    report = _store().gc(downloads=args.downloads)
     print(f"removed {report.blobs_removed} unreferenced blobs ({_human(report.bytes_freed)}), "
           f"{report.trees_removed} trees of removed modules and {report.tmp_removed} stale "
           "temporary entries")
@@ -195,6 +195,11 @@ def cmd_gc(args: argparse.Namespace) -> None:
     if report.trees_kept:
         print(f"kept {report.trees_kept} module trees without index rows (in use by a running "
               "process, damaged, or clashing with a stored name and version)")
+    if report.downloads_busy:
+        print("left the registry downloads in oci-cache/ alone: a pull is running")
+    elif report.downloads_removed:
+        print(f"removed {report.downloads_removed} registry downloads no pull needs "
+              "(oci-cache/)")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -340,7 +345,10 @@ def _parser() -> argparse.ArgumentParser:
     add("add", cmd_add, "Add a module directory to the local store (verifying every byte)."
         ).add_argument("directory")
     add("rm", cmd_rm, "Remove a module from the local store's index.").add_argument("handle")
-    add("gc", cmd_gc, "Delete unreferenced blobs and stale temporary files from the store.")
+    add("gc", cmd_gc, "Delete unreferenced blobs and stale temporary files from the store."
+        ).add_argument("--downloads", action="store_true",
+                       help="also delete every partial or finished registry download (by "
+                       "default only those the store holds or untouched for a week)")
     p = add("push", cmd_push, "Publish a module to an OCI registry (only the blobs it lacks).")
     p.add_argument("handle", help="name@version, name@sha256:..., or a module directory")
     p.add_argument("reference", metavar="oci://HOST[:PORT]/NS/NAME[:VERSION]",

@@ -140,7 +140,7 @@ def test_an_old_index_is_migrated(store: Store, make_module: Callable[..., Path]
     assert store.list() == before  # same rows, created times included: migrated, not rebuilt
     assert_consistent(store)
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
     # the old index has no tensor rows for these trees, yet gc keeps their tensor blobs
     blobs = blob_names(store)
     assert store.gc().blobs_removed == 0

@@ -68,12 +68,18 @@ def header_of(weights: bytes) -> bytes:
 
 
 def expected_blobs(modules: list[StoredModule]) -> set[str]:
-    """The blobs stored modules need: every file but the weights, whose header and each
-    tensor (by the manifest's sha256) are blobs of their own."""
+    """The blobs stored modules need: every file but the weights and reference files, whose
+    headers and each tensor (by the manifest's sha256 for the weights) are blobs of their
+    own."""
+    from graft.hub.tensorfiles import read_record
+
     names: set[str] = set()
     for m in modules:
         manifest = m.manifest()
-        names |= {e.sha256 for rel, e in manifest.files.items() if rel != WEIGHTS}
+        split = read_record(m.path, manifest)  # reference files: header and tensor blobs
+        names |= {sha for layout in split.values() for sha, _ in layout.blobs()}
+        names |= {e.sha256 for rel, e in manifest.files.items()
+                  if rel != WEIGHTS and rel not in split}
         names |= {t.sha256 for t in manifest.tensors.values()}
         names.add(hashlib.sha256((m.path / HEADER_LINK).read_bytes()).hexdigest())
     return names

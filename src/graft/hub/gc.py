@@ -1,8 +1,9 @@
 """Collecting garbage in the store, and taking in trees that lost their index row.
 
-Only three things are ever deleted: blobs that no indexed module references, ``tmp/`` entries
-whose writer is gone (hub/staging.py), and trees of modules that ``graft rm`` took out of the
-index on purpose, once no process holds their lease (hub/leases.py). A tree that has no row
+Only four things are ever deleted: blobs that no indexed module references, ``tmp/`` entries
+whose writer is gone (hub/staging.py), trees of modules that ``graft rm`` took out of the
+index on purpose, once no process holds their lease (hub/leases.py), and registry downloads
+in ``oci-cache/`` that no pull needs any more, once no pull is running (hub/oci/cache.py). A tree that has no row
 and was not removed (an add killed between publishing the tree and committing the row, a lost
 row, a lost index) is validated completely and indexed again: a module is never deleted
 because its row vanished.
@@ -22,7 +23,7 @@ from graft._sqlite import transaction
 from graft._testing import stop_point
 from graft.errors import GraftError
 from graft.format.manifest import MANIFEST_NAME, Manifest
-from graft.hub import index, leases, staging
+from graft.hub import index, leases, staging, tensorfiles
 from graft.hub.blobs import link_or_copy
 from graft.hub.lookup import hex_of
 from graft.hub.tensors import HEADER_LINK, WEIGHTS, is_split, read_layout
@@ -46,6 +47,9 @@ class GcReport:
             publishing its tree, or a lost row), indexed again rather than deleted.
         trees_kept: Unindexed trees left alone: still in use, damaged, or clashing with an
             indexed module's name and version.
+        downloads_removed: Files of ``oci-cache/`` (partial and finished downloads) that no
+            pull needs.
+        downloads_busy: A pull was running, so ``oci-cache/`` was left as it was.
     """
 
     blobs_removed: int
@@ -54,11 +58,14 @@ class GcReport:
     trees_removed: int = 0
     trees_adopted: int = 0
     trees_kept: int = 0
+    downloads_removed: int = 0
+    downloads_busy: bool = False
 
 
-def collect(store: Any, conn: sqlite3.Connection) -> GcReport:
+def collect(store: Any, conn: sqlite3.Connection, *, downloads: bool = False) -> GcReport:
     """Collect the garbage of ``store``; the caller holds the writer lock and passes its
-    connection."""
+    connection. ``downloads``: delete every registry download no running pull holds, not
+    only the stale ones and those the store already has."""
     indexed = {hex_of(r["digest"]) for r in index.modules(conn)}
     removed = {hex_of(d) for d in index.removed_digests(conn)}
     freed = trees = adopted = kept = tmp = blobs = 0
@@ -87,6 +94,11 @@ def collect(store: Any, conn: sqlite3.Connection) -> GcReport:
     # storage while a newer Graft had written split trees) still owns its tensor blobs.
     for digest in index.without_tensor_rows(conn):
         keep |= _blobs_named_by(store.module_path(digest))
+    # Likewise the blobs of split reference files whose rows an index lacks (the tree's
+    # record names them).
+    for digest in index.without_file_rows(conn):
+        if os.path.lexists(store.module_path(digest) / tensorfiles.RECORD):
+            keep |= _blobs_named_by(store.module_path(digest))
     referenced = index.referenced_blobs(conn) | keep
     with transaction(conn):
         index.forget_blob_checks(conn)
@@ -98,8 +110,13 @@ def collect(store: Any, conn: sqlite3.Connection) -> GcReport:
                 stop_point("gc.blob-deleted")
         with staging.suppress_os_error():
             fan.rmdir()  # only succeeds once the fan-out folder is empty
-    return GcReport(blobs_removed=blobs, bytes_freed=freed, tmp_removed=tmp,
-                    trees_removed=trees, trees_adopted=adopted, trees_kept=kept)
+    from graft.hub.oci.cache import BlobCache
+
+    got, size, busy = BlobCache(store.root).collect(
+        lambda hexdigest: os.path.isfile(store.blob_file(hexdigest)), everything=downloads)
+    return GcReport(blobs_removed=blobs, bytes_freed=freed + size, tmp_removed=tmp,
+                    trees_removed=trees, trees_adopted=adopted, trees_kept=kept,
+                    downloads_removed=got, downloads_busy=busy)
 
 
 def adopt(store: Any, conn: sqlite3.Connection, tree: Path) -> Any:
@@ -114,8 +131,9 @@ def adopt(store: Any, conn: sqlite3.Connection, tree: Path) -> Any:
     try:
         manifest, fresh = validate_tree(tree, store.blob_file)
         layout = read_layout(tree, manifest) if is_split(tree) else None
+        split = tensorfiles.read_record(tree, manifest)
         for rel, entry in manifest.files.items():
-            if layout is not None and rel == WEIGHTS:
+            if (layout is not None and rel == WEIGHTS) or rel in split:
                 continue  # its blobs were just checked: they are all there
             blob = store.blob_path(entry.sha256)
             if not blob.exists():  # gc may have collected it while the row was missing
@@ -127,7 +145,7 @@ def adopt(store: Any, conn: sqlite3.Connection, tree: Path) -> Any:
         created = datetime.fromtimestamp((tree / MANIFEST_NAME).stat().st_mtime,
                                          timezone.utc).isoformat(timespec="microseconds")
         with transaction(conn):
-            index.insert_module(conn, manifest, created, fresh, layout)
+            index.insert_module(conn, manifest, created, fresh, layout, split)
     except (GraftError, OSError):
         return None
     return store._stored(conn.execute("SELECT * FROM modules WHERE digest = ?",
@@ -168,6 +186,11 @@ def _blobs_named_by(tree: Path) -> set[str]:
     try:
         if is_split(tree):
             named.add(read_layout(tree, manifest).header_sha256)
+    except (GraftError, OSError):
+        pass
+    try:
+        for split in tensorfiles.read_record(tree, manifest).values():
+            named |= {sha for sha, _ in split.blobs()}
     except (GraftError, OSError):
         pass
     return named

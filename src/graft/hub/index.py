@@ -25,11 +25,12 @@ from graft.errors import StoreError, VersionConflict
 from graft.format.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["Fingerprint", "RACY_NS", "SCHEMA_VERSION", "conflict_message", "connect",
-           "delete_module", "fingerprints", "forget_blob_checks", "forget_removed", "header_of", "insert_module", "is_corruption",
-           "modules", "now_ns", "reader", "record_fingerprints", "referenced_blobs",
-           "removed_digests", "set_aside", "without_tensor_rows"]
+           "delete_module", "fingerprints", "forget_blob_checks", "forget_removed",
+           "header_of", "insert_module", "is_corruption", "modules", "now_ns", "reader",
+           "record_fingerprints", "record_split", "referenced_blobs", "removed_digests",
+           "set_aside", "without_file_rows", "without_tensor_rows"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT = 60.0  # seconds SQLite waits on a busy database
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS modules (
@@ -82,6 +83,19 @@ CREATE TABLE IF NOT EXISTS blob_checks (
     inode      INTEGER NOT NULL,
     checked_ns INTEGER NOT NULL
 );
+"""
+# Version 4: reference files as tensor blobs too (hub/tensorfiles.py): the blobs of each split
+# file other than the weights, which gc counts as referenced (the tree records their order).
+_MIGRATE_TO_4 = """
+CREATE TABLE IF NOT EXISTS file_blobs (
+    module TEXT NOT NULL,       -- modules.digest
+    path   TEXT NOT NULL,       -- the module file, e.g. 'reference/classify.safetensors'
+    part   INTEGER NOT NULL,    -- 0: its header; 1, 2, ...: its tensors in data order
+    sha256 TEXT NOT NULL,       -- the blob
+    size   INTEGER NOT NULL,
+    PRIMARY KEY (module, path, part)
+);
+CREATE INDEX IF NOT EXISTS file_blobs_by_sha256 ON file_blobs (sha256);
 """
 # A timestamp only proves "unchanged since" once the clock has moved past the file system's
 # timestamp granularity (2 s on the coarsest, FAT); a write in the same tick as the hash
@@ -147,7 +161,7 @@ def reader(path: Path, *, timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
 def _require_tables(conn: sqlite3.Connection) -> None:
     """Refuse an index that lost a table (a damaged or hand-edited file)."""
     found = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    missing = {"modules", "files", "removed", "tensors", "blob_checks"} - found
+    missing = {"modules", "files", "removed", "tensors", "blob_checks", "file_blobs"} - found
     if missing:
         raise sqlite3.DatabaseError(f"database disk image is malformed (no table "
                                     f"{', '.join(sorted(missing))})")
@@ -176,6 +190,8 @@ def connect(path: Path) -> sqlite3.Connection:
             conn.executescript(_MIGRATE_TO_2)
         if version < 3:
             conn.executescript(_MIGRATE_TO_3)
+        if version < 4:
+            conn.executescript(_MIGRATE_TO_4)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
@@ -192,10 +208,12 @@ def modules(conn: sqlite3.Connection) -> list[sqlite3.Row]:
 
 
 def insert_module(conn: sqlite3.Connection, manifest: Manifest, created: str,
-                  found: Mapping[str, Fingerprint], layout: Any = None) -> None:
+                  found: Mapping[str, Fingerprint], layout: Any = None,
+                  split: Mapping[str, Any] | None = None) -> None:
     """Insert a module's rows (in the caller's transaction), with the fingerprint of each
     file (and tensor blob) in ``found``, and, for weights stored as tensor blobs, the blobs
-    of its ``layout`` (a ``tensors.Layout``).
+    of its ``layout`` (a ``tensors.Layout``), and those of its other ``split`` files
+    (path -> ``tensorfiles.FileLayout``).
 
     Raises:
         VersionConflict: another module has the name and version.
@@ -218,6 +236,7 @@ def insert_module(conn: sqlite3.Connection, manifest: Manifest, created: str,
                            len(layout.header))]
                          + [(manifest.digest, "tensor", name, sha256, size)
                             for name, sha256, size in layout.tensors])
+    record_split(conn, manifest.digest, split or {})
     _record_blobs(conn, found)
     rows = []
     for rel, entry in manifest.files.items():
@@ -230,10 +249,21 @@ def insert_module(conn: sqlite3.Connection, manifest: Manifest, created: str,
     conn.execute("DELETE FROM removed WHERE digest = ?", (manifest.digest,))
 
 
+def record_split(conn: sqlite3.Connection, digest: str, split: Mapping[str, Any]) -> None:
+    """Record the blobs of a module's split files (path -> ``tensorfiles.FileLayout``), in
+    the caller's transaction, replacing what was recorded."""
+    conn.execute("DELETE FROM file_blobs WHERE module = ?", (digest,))
+    conn.executemany("INSERT INTO file_blobs (module, path, part, sha256, size) "
+                     "VALUES (?, ?, ?, ?, ?)",
+                     [(digest, rel, part, sha256, size) for rel, layout in split.items()
+                      for part, (sha256, size) in enumerate(layout.blobs())])
+
+
 def delete_module(conn: sqlite3.Connection, digest: str, removed: str) -> None:
     """Take a module out of the index and remember that it was removed on purpose."""
     conn.execute("DELETE FROM files WHERE module = ?", (digest,))
     conn.execute("DELETE FROM tensors WHERE module = ?", (digest,))
+    conn.execute("DELETE FROM file_blobs WHERE module = ?", (digest,))
     conn.execute("DELETE FROM modules WHERE digest = ?", (digest,))
     conn.execute("INSERT OR REPLACE INTO removed (digest, removed) VALUES (?, ?)",
                  (digest, removed))
@@ -251,8 +281,10 @@ def fingerprints(query: Callable[..., list[Any]], digest: str) -> dict[str, Fing
     found.update({"sha256:" + row["sha256"]: Fingerprint(row["size"], row["mtime_ns"],
                                                          row["ctime_ns"], row["inode"],
                                                          row["checked_ns"])
-                  for row in query("SELECT DISTINCT b.* FROM blob_checks b JOIN tensors t "
-                                   "ON t.sha256 = b.sha256 WHERE t.module = ?", (digest,))})
+                  for row in query("SELECT b.* FROM blob_checks b WHERE b.sha256 IN "
+                                   "(SELECT sha256 FROM tensors WHERE module = ? UNION "
+                                   "SELECT sha256 FROM file_blobs WHERE module = ?)",
+                                   (digest, digest))})
     return found
 
 
@@ -300,7 +332,8 @@ def forget_removed(conn: sqlite3.Connection, digest: str) -> None:
 def referenced_blobs(conn: sqlite3.Connection) -> set[str]:
     """Every blob an indexed module references: its files and its tensor blobs."""
     return {r["sha256"] for r in conn.execute("SELECT sha256 FROM files UNION "
-                                              "SELECT sha256 FROM tensors")}
+                                              "SELECT sha256 FROM tensors UNION "
+                                              "SELECT sha256 FROM file_blobs")}
 
 
 def without_tensor_rows(conn: sqlite3.Connection) -> list[str]:
@@ -310,9 +343,17 @@ def without_tensor_rows(conn: sqlite3.Connection) -> list[str]:
         "(SELECT module FROM tensors WHERE kind = 'header')")]
 
 
+def without_file_rows(conn: sqlite3.Connection) -> list[str]:
+    """Digests of indexed modules that have no rows in ``file_blobs`` (none of their files
+    split, or an index that lost or never had them)."""
+    return [r["digest"] for r in conn.execute(
+        "SELECT digest FROM modules WHERE digest NOT IN (SELECT module FROM file_blobs)")]
+
+
 def forget_blob_checks(conn: sqlite3.Connection) -> None:
     """Drop the fingerprints of blobs that no module references any more."""
-    conn.execute("DELETE FROM blob_checks WHERE sha256 NOT IN (SELECT sha256 FROM tensors)")
+    conn.execute("DELETE FROM blob_checks WHERE sha256 NOT IN (SELECT sha256 FROM tensors "
+                 "UNION SELECT sha256 FROM file_blobs)")
 
 
 def conflict_message(manifest: Manifest, stored_digest: str) -> str:

@@ -1,7 +1,8 @@
 """Writing a module into the store: blobs, then the tree, then the index row.
 
-The weights are split into a header blob and tensor blobs (hub/tensors.py); every other
-file is one blob, hard-linked into the tree.
+The weights are split into a header blob and tensor blobs (hub/tensors.py), and so are the
+reference files (hub/tensorfiles.py, recorded in the tree); every other file is one blob,
+hard-linked into the tree.
 
 Each step publishes with one rename, so every state a reader or a crash can leave is
 complete; a failed install takes back what it created (a killed one leaves only ``tmp/``
@@ -21,6 +22,7 @@ from graft._testing import stop_point
 from graft.format.manifest import Manifest
 from graft.hub import index, staging
 from graft.hub.blobs import link_or_copy, place_blob, publish
+from graft.hub import tensorfiles
 from graft.hub.tensors import HEADER_LINK, WEIGHTS, place_weights
 from graft.hub.trees import fingerprinted
 
@@ -47,9 +49,17 @@ def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connecti
         # shares every tensor it did not change with its parent.
         layout, created = place_weights(store.blob_path, source, manifest, work)
         new_blobs += created
+        # Reference files too: a child saved with its parent's example inputs shares them.
+        split: dict[str, tensorfiles.FileLayout] = {}
+        for rel, entry in manifest.files.items():
+            if tensorfiles.is_stored_split(rel):
+                split[rel], created = tensorfiles.place(store.blob_path, source, rel, entry,
+                                                        work)
+                new_blobs += created
+                stop_point("add.blob-placed")
         placed: set[str] = set()
         for rel, entry in manifest.files.items():
-            if rel == WEIGHTS:
+            if rel == WEIGHTS or rel in split:
                 continue
             if entry.sha256 not in placed:
                 if place_blob(store.blob_path(entry.sha256), source, rel, entry, work):
@@ -59,12 +69,13 @@ def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connecti
         tree = work / "tree"
         tree.mkdir()
         for rel, entry in manifest.files.items():
-            if rel == WEIGHTS:
+            if rel == WEIGHTS or rel in split:
                 continue
             dest = tree / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(store.blob_path(entry.sha256), dest)
         link_or_copy(store.blob_path(layout.header_sha256), tree / HEADER_LINK)
+        tensorfiles.write_record(tree, split)
         manifest.write(tree)
         stop_point("add.tree-built")
         if target.exists():
@@ -75,11 +86,13 @@ def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connecti
         published = True
         stop_point("add.tree-published")
         if repairing:
+            with transaction(conn):  # a tree written before its reference files were split
+                index.record_split(conn, manifest.digest, split)
             return ""
         created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         with transaction(conn):
-            index.insert_module(conn, manifest, created, _fingerprints(target, manifest),
-                                layout)
+            index.insert_module(conn, manifest, created,
+                                _fingerprints(target, manifest, split), layout, split)
             stop_point("add.row-inserted")
         return created
     except BaseException:
@@ -93,10 +106,11 @@ def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connecti
         staging.rmtree(work)
 
 
-def _fingerprints(tree: Path, manifest: Manifest) -> dict[str, index.Fingerprint]:
+def _fingerprints(tree: Path, manifest: Manifest, split: Any) -> dict[str, index.Fingerprint]:
     """Fingerprints of the tensor files of a tree just built from checked blobs (linking
     changed their ctime a moment ago, so the first load after the racy window hashes them
     once more before trusting these)."""
     checked = index.now_ns()
     return {rel: index.Fingerprint.of(os.stat(tree / rel), checked)
-            for rel in manifest.files if fingerprinted(rel) and rel != WEIGHTS}
+            for rel in manifest.files
+            if fingerprinted(rel) and rel != WEIGHTS and rel not in split}

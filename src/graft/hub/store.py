@@ -3,10 +3,12 @@
 Layout under the root (``$GRAFT_HOME``, default ``~/.cache/graft``)::
 
     blobs/sha256/<2 hex>/<hex>   content-addressed blobs, read-only: files (hub/blobs.py),
-                                 and each tensor and weights header (hub/tensors.py)
+                                 and each tensor and safetensors header of the weights
+                                 (hub/tensors.py) and reference files (hub/tensorfiles.py)
     modules/<digest hex>/        one tree per module: hard links to its file blobs (copies
-                                 where links fail), its graft.json and the link to its weights
-                                 header; not a module directory (see Store.export)
+                                 where links fail), its graft.json, the link to its weights
+                                 header and the record of its reference files' blobs; not a
+                                 module directory (see Store.export)
     index.sqlite                 which modules are stored, their blobs, and what was removed
                                  (hub/index.py)
     leases/<digest hex>          a shared flock per process that has the module loaded
@@ -70,7 +72,8 @@ class StoredModule:
         name: The module name.
         version: The module version.
         digest: ``sha256:<hex>`` of its canonical manifest.
-        path: Its module tree, a directory the loader opens like any module directory.
+        path: Its module tree in the store. Not a module directory: its weights and reference
+            files are tensor blobs (docs/store.md); :meth:`Store.export` writes one out.
         created: When it was added, UTC ISO 8601.
         size: Total bytes of its files.
         parents: The modules it was derived from.
@@ -231,18 +234,24 @@ class Store:
             delete_unused_tree(self, conn, stored.digest)
         return stored
 
-    def gc(self) -> GcReport:
+    def gc(self, *, downloads: bool = False) -> GcReport:
         """Delete what no indexed module needs: unreferenced blobs, trees of removed modules
-        that no process uses any more, and ``tmp/`` entries whose writer is gone.
+        that no process uses any more, ``tmp/`` entries whose writer is gone, and registry
+        downloads (``oci-cache/``) no pull needs: those the store holds, and the rest once
+        untouched for a week (``hub.oci.cache.RESUME_WINDOW``), while no pull is running.
 
         A tree without an index row that was not removed on purpose (an add killed after
         publishing its tree, a lost row) is validated and indexed again, never deleted.
+
+        Args:
+            downloads: Delete every partial or finished download at once (an interrupted
+                pull then starts its blobs over).
         """
         self._check_root()
         if not self.root.exists():
             return GcReport(0, 0, 0, 0)
         with self._writer() as conn:
-            return collect(self, conn)
+            return collect(self, conn, downloads=downloads)
 
     def rebuild_index(self) -> list[StoredModule]:
         """Rebuild the index from the module trees, validating each completely, and return
@@ -390,18 +399,34 @@ class Store:
     def _write_directory(self, stored: StoredModule, manifest: Manifest, work: Path) -> None:
         import shutil
 
+        from graft.hub import tensorfiles
         from graft.hub.tensors import read_layout, write_weights
 
         work.mkdir()
+        split = tensorfiles.read_record(stored.path, manifest)
         for rel in manifest.files:
             dest = work / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             if rel == WEIGHTS and is_split(stored.path):
                 write_weights(self.blob_path, read_layout(stored.path, manifest), dest,
                               manifest.files[rel].sha256, read_only=False)
+            elif rel in split:
+                tensorfiles.rebuild(self.blob_path, rel, split[rel], dest,
+                                    manifest.files[rel].sha256)
             else:
                 shutil.copyfile(stored.path / rel, dest)
         manifest.write(work)
+
+    def files_on_demand(self, stored: StoredModule) -> Any:
+        """A :class:`~graft.hub.ondemand.ExportOnDemand` of a module whose tree is not a
+        complete module directory (its weights or reference files are blobs), for a loaded
+        module's ``directory``; None for a tree that holds every file whole."""
+        from graft.hub.ondemand import ExportOnDemand
+        from graft.hub.tensorfiles import RECORD
+
+        if not is_split(stored.path) and not os.path.lexists(stored.path / RECORD):
+            return None
+        return ExportOnDemand(self, stored.pinned_handle)
 
     def list(self, *, check: bool = False) -> list[StoredModule]:
         """Every stored module, sorted by name, then version (numerically).

@@ -36,8 +36,9 @@ from graft.format.tensorfile import (
 from graft.hub.blobs import open_regular, publish
 
 __all__ = ["HEADER_LINK", "WEIGHTS", "Layout", "blob_key", "check_blobs", "check_header",
-           "hash_blob", "hash_buffer", "is_split", "manifest_tensors", "place_weights",
-           "read_checked", "read_layout", "read_tensor", "write_weights"]
+           "hash_blob", "hash_buffer", "is_split", "manifest_tensors", "place_bytes",
+           "place_weights", "read_checked", "read_exact", "read_layout", "read_tensor",
+           "valid_blob", "write_weights"]
 
 WEIGHTS = "weights.safetensors"
 #: The tree's link to the header blob of its weights (module paths never start with ".").
@@ -187,7 +188,7 @@ def place_weights(blob_path: Callable[[str], Path], source: Path, manifest: Mani
         header = prefix + src.read(length)
         layout = _layout(header, manifest, WEIGHTS)
         whole.update(header)
-        if _place_bytes(blob_path(layout.header_sha256), header, work):
+        if place_bytes(blob_path(layout.header_sha256), header, work):
             created.append(blob_path(layout.header_sha256))
         stop_point("add.blob-placed")
         for name, sha256, size in layout.tensors:
@@ -200,7 +201,7 @@ def place_weights(blob_path: Callable[[str], Path], source: Path, manifest: Mani
     return layout, created
 
 
-def _valid_blob(blob: Path, size: int, sha256: str) -> bool:
+def valid_blob(blob: Path, size: int, sha256: str) -> bool:
     try:
         with open(blob, "rb") as f:
             if os.fstat(f.fileno()).st_size != size:
@@ -213,9 +214,9 @@ def _valid_blob(blob: Path, size: int, sha256: str) -> bool:
         return False
 
 
-def _place_bytes(blob: Path, data: bytes, work: Path) -> bool:
+def place_bytes(blob: Path, data: bytes, work: Path) -> bool:
     sha256 = hashlib.sha256(data).hexdigest()
-    if _valid_blob(blob, len(data), sha256):
+    if valid_blob(blob, len(data), sha256):
         return False
     existed = os.path.lexists(blob)
     part = work / f"{sha256}.part"
@@ -233,7 +234,7 @@ def _place_stream(blob: Path, src: BinaryIO, size: int, sha256: str, whole: Any,
                   work: Path) -> bool:
     """Copy the next ``size`` bytes of ``src`` to ``blob`` (unless a valid blob is there),
     checking that they hash to ``sha256``; ``whole`` is updated with them too."""
-    keep = not _valid_blob(blob, size, sha256)
+    keep = not valid_blob(blob, size, sha256)
     part = work / f"{sha256}.part"
     digest = hashlib.sha256()
     out = open(part, "xb") if keep else None
@@ -265,7 +266,7 @@ def _place_stream(blob: Path, src: BinaryIO, size: int, sha256: str, whole: Any,
     return not existed
 
 
-def _read_exact(path: str, size: int, into: Any, what: str) -> os.stat_result:
+def read_exact(path: str, size: int, into: Any, what: str) -> os.stat_result:
     """Read the regular file ``path`` of exactly ``size`` bytes into the buffer ``into``.
 
     Plain descriptors, no file objects: this runs for every tensor of every load.
@@ -297,7 +298,7 @@ def _read_exact(path: str, size: int, into: Any, what: str) -> os.stat_result:
 def read_tensor(blob: str, size: int, into: Any) -> None:
     """Read a tensor blob into a writable buffer of ``size`` bytes, refusing a blob of
     another size or type (its contents were checked by the store, see trees.check_tree)."""
-    _read_exact(blob, size, into, f"tensor blob {os.path.basename(blob)[:12]}")
+    read_exact(blob, size, into, f"tensor blob {os.path.basename(blob)[:12]}")
 
 
 def read_checked(blob_file: Callable[[str], str], manifest: Manifest,
@@ -320,7 +321,7 @@ def read_checked(blob_file: Callable[[str], str], manifest: Manifest,
         if not size:
             continue
         checked = now_ns()  # before the fstat: a change after it always counts as racy
-        st = _read_exact(blob_file(sha256), size, into, f"the blob of tensor {name}")
+        st = read_exact(blob_file(sha256), size, into, f"the blob of tensor {name}")
         view = memoryview(into).cast("B")
         key = blob_key(sha256)
         vouched = recorded.get(key)
@@ -339,9 +340,10 @@ def hash_buffer(view: Any) -> str:
 
 
 def write_weights(blob_path: Callable[[str], Path], layout: Layout, dest: Path,
-                  expected_sha256: str, *, read_only: bool = True) -> None:
-    """Write ``weights.safetensors`` to ``dest`` (a new file) from the blobs, byte for byte
-    the module's file, checked against the manifest's ``sha256`` before it is kept.
+                  expected_sha256: str, *, read_only: bool = True, what: str = WEIGHTS) -> None:
+    """Write ``weights.safetensors`` (or the safetensors file ``what``) to ``dest`` (a new
+    file) from the blobs, byte for byte the module's file, checked against the manifest's
+    ``sha256`` before it is kept.
 
     Raises:
         IntegrityError: a blob is missing or damaged (``dest`` is removed).
@@ -367,7 +369,7 @@ def write_weights(blob_path: Callable[[str], Path], layout: Layout, dest: Path,
             out.flush()
             os.fsync(out.fileno())
         if whole.hexdigest() != expected_sha256:
-            raise IntegrityError(f"the rebuilt {WEIGHTS} does not match its sha256 in the "
+            raise IntegrityError(f"the rebuilt {what} does not match its sha256 in the "
                                  "manifest")
     except BaseException:
         dest.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """Module trees in the store: checking one on every read, and validating one fully.
 
 A tree, ``modules/<digest hex>/``, holds a module's files as hard links to the blobs, except
-its weights, which are tensor blobs with a link to their header (hub/tensors.py). Reading a
+its weights, which are tensor blobs with a link to their header (hub/tensors.py), and its
+reference files, tensor blobs listed in the tree's record (hub/tensorfiles.py). Reading a
 module back checks its tree against the digest the index recorded (tensor blobs like tensor
 files, by fingerprint):
 
@@ -24,7 +25,7 @@ from graft.errors import IntegrityError
 from graft.format.manifest import MANIFEST_NAME, Manifest
 from graft._fs import sha256_stream
 from graft.hub.blobs import open_regular
-from graft.hub import tensors
+from graft.hub import tensorfiles, tensors
 from graft.hub.index import Fingerprint, now_ns
 
 __all__ = ["LEVELS", "check_tree", "fingerprinted", "validate_tree"]
@@ -95,8 +96,18 @@ def check_tree(tree: Path, digest: str, recorded: dict[str, Fingerprint], *,
                 raise IntegrityError(f"its {tensors.WEIGHTS}, rebuilt from the header and "
                                      "tensor blobs, does not match its sha256 in the manifest: "
                                      "the header was altered")
+    if blob_file is not None:
+        split_files = tensorfiles.read_record(tree, manifest)
+        for rel, layout in split_files.items():
+            fresh.update(tensorfiles.check(blob_file, rel, layout, manifest.files[rel],
+                                           recorded, level, now_ns, Fingerprint))
+    elif os.path.lexists(tree / tensorfiles.RECORD):
+        raise IntegrityError("its reference files are stored as tensor blobs; open it "
+                             "through the store (Store.open, Store.export)")
+    else:
+        split_files = {}
     for rel, entry in manifest.files.items():
-        if split and rel == tensors.WEIGHTS:
+        if (split and rel == tensors.WEIGHTS) or rel in split_files:
             continue
         checked = now_ns()  # before fstat: a change after it then always counts as racy
         with open_regular(tree, rel) as f:
@@ -135,14 +146,16 @@ def validate_tree(tree: Path, blob_file: Callable[[str], str] | None = None
 
     digest = "sha256:" + tree.name
     manifest, fresh = check_tree(tree, digest, {}, level="full", blob_file=blob_file)
-    if not tensors.is_split(tree):
+    split_files = tensorfiles.read_record(tree, manifest) if blob_file is not None else {}
+    if not tensors.is_split(tree) and not split_files:
         check_module(tree, manifest, hash_contents=False)  # every byte was hashed just now
         return manifest, fresh
-    # The weights are blobs whose header and tensors check_tree just matched against the
-    # manifest; every other file gets check_module's checks.
+    # The weights and reference files are blobs whose headers and tensors check_tree just
+    # matched against the manifest (each header parsed as check_file parses a safetensors
+    # file); every other file gets check_module's checks.
     root = tree.resolve()
     for rel in manifest.files:
-        if rel != tensors.WEIGHTS:
+        if rel not in split_files and not (rel == tensors.WEIGHTS and tensors.is_split(tree)):
             check_file(resolve_inside(root, rel), rel)
     check_programs(tree, manifest)
     return manifest, fresh

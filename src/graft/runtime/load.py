@@ -81,9 +81,12 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
         # eager, not just close.
         tensors = {k: v.clone() for k, v in tensors.items()}
     _check_tensors(manifest, tensors)
+    # A store tree keeps weights and reference files as blobs: `module.directory` writes
+    # the module directory out when a tool first asks for it.
+    on_demand = (store or Store()).files_on_demand(stored) if parsed.kind == "store" else None
     module = Module(manifest, directory, tensors,
                     trainable=manifest.fine_tuning.trainable if trainable is None else trainable,
-                    batch_norm=batch_norm)
+                    batch_norm=batch_norm, on_demand=on_demand)
     if parsed.kind == "store":
         # While the module lives, `graft rm` and `gc` leave its tree (read lazily) in place.
         module._store_lease = stored.lease

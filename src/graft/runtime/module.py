@@ -71,10 +71,14 @@ class Module(nn.Module):
     """
 
     def __init__(self, manifest: Manifest, directory: Path, tensors: Mapping[str, torch.Tensor],
-                 *, trainable: bool, batch_norm: str | None = None) -> None:
+                 *, trainable: bool, batch_norm: str | None = None,
+                 on_demand: Any = None) -> None:
         super().__init__()
         self.manifest = manifest
-        self.directory = Path(directory)
+        # where programs, constants and assets are read (a store tree holds them whole);
+        # ``on_demand`` writes the whole module directory out for ``directory``
+        self._files = Path(directory)
+        self._on_demand = on_demand
         self.trainable = trainable
         self.batch_norm = batch_norm or manifest.fine_tuning.batch_norm
         if self.batch_norm not in BATCH_NORM_POLICIES:
@@ -129,7 +133,16 @@ class Module(nn.Module):
                             if f.startswith("assets/"))
             raise FileNotFoundError(f"module {self.name} has no asset {name!r}; it has "
                                     f"{assets}")
-        return resolve_inside(self.directory.resolve(), rel)
+        return resolve_inside(self._files.resolve(), rel)
+
+    @property
+    def directory(self) -> Path:
+        """A module directory holding every file of the module. For a module from the local
+        store, whose tree keeps its weights and reference files as blobs, it is written out
+        (into the store's ``tmp/``) on first use and removed when the module is gone."""
+        if self._on_demand is not None:
+            return Path(self._on_demand.path())
+        return self._files
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, version={self.version!r}, "
@@ -223,7 +236,7 @@ class Module(nn.Module):
             if isinstance(spec.preprocess, ImagePreprocess):
                 fn = pre.image_preprocessor(spec.preprocess, next(iter(spec.inputs)))
             elif isinstance(spec.preprocess, TextPreprocess):
-                path = resolve_inside(self.directory.resolve(), spec.preprocess.tokenizer)
+                path = resolve_inside(self._files.resolve(), spec.preprocess.tokenizer)
                 fn = pre.text_preprocessor(spec.preprocess, path, list(spec.inputs))
             else:  # pragma: no cover - the manifest parser admits no other kind
                 raise FormatError(f"unknown preprocessing {spec.preprocess!r}")
@@ -247,7 +260,7 @@ class Module(nn.Module):
         key = (name, variant)
         if key not in self._programs:
             rel = self.manifest.signatures[name].programs[variant]
-            path = resolve_inside(self.directory.resolve(), rel)
+            path = resolve_inside(self._files.resolve(), rel)
             device = self._device()
             # Validated again on every read: the bytes on disk are what runs.
             program = program_from_json(path.read_bytes(), name=f"{self.name}:{rel}",
@@ -257,7 +270,7 @@ class Module(nn.Module):
             if const_rel in self.manifest.files:
                 from graft.runtime.load import read_safetensors
 
-                constants = read_safetensors(resolve_inside(self.directory.resolve(), const_rel))
+                constants = read_safetensors(resolve_inside(self._files.resolve(), const_rel))
             constants = {k: v.to(device) for k, v in constants.items()}
             program.check_bindings(self._state(), constants)
             self._programs[key] = (program, constants)

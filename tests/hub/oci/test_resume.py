@@ -31,6 +31,10 @@ def test_a_pull_killed_mid_blob_resumes_where_it_stopped(saved, tmp_path):
         halfway = {h: n for h, n in sizes.items() if 0 < n < blobs[h].size}
         complete = {h for h, n in sizes.items() if n == blobs[h].size}  # killed before rename
         assert halfway and all(n <= blobs[h].size for h, n in sizes.items())
+        # gc keeps what the resume needs (no module holds these blobs; they are fresh)
+        assert store.gc().downloads_removed == 0
+        assert {p.name.removesuffix(".part"): p.stat().st_size
+                for p in partial.glob("*.part")} == sizes
         before = len(server.log)
 
         stored = pull(ref, store=store)

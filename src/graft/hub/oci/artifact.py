@@ -30,6 +30,7 @@ from graft._fs import sha256_bytes
 from graft.errors import FormatError, IntegrityError
 from graft.format import jsonio
 from graft.format.manifest import MANIFEST_NAME, Manifest, canonical_json, check_relative_path
+from graft.hub import tensorfiles
 from graft.hub.tensors import HEADER_LINK, is_split, read_layout
 
 __all__ = [
@@ -192,9 +193,10 @@ class Plan:
 def build_manifest(module: Manifest, directory: Path, subject: Descriptor | None = None,
                    blob_path: Any = None
                    ) -> tuple[bytes, Plan, dict[str, tuple[Path, int, int]]]:
-    """The OCI manifest bytes of a module directory, or of a store tree whose weights are
-    tensor blobs (``blob_path``: the store's hex sha256 -> blob; the store checked them when
-    it opened the module, and their bytes are sent straight from the blobs).
+    """The OCI manifest bytes of a module directory, or of a store tree whose weights and
+    reference files are tensor blobs (``blob_path``: the store's hex sha256 -> blob; the
+    store checked them when it opened the module, and their bytes are sent straight from
+    the blobs: the store's blobs are the artifact's layers).
 
     Returns:
         ``(manifest bytes, plan, sources)``: ``sources`` maps each layer digest to the file
@@ -209,8 +211,21 @@ def build_manifest(module: Manifest, directory: Path, subject: Descriptor | None
     files: dict[str, Descriptor] = {}
     tensor_files: dict[str, TensorFile] = {}
     sources: dict[str, tuple[Path, int, int]] = {}
+    stored_split = tensorfiles.read_record(directory, module) if blob_path is not None else {}
     for rel, entry in sorted(module.files.items()):
         path = directory / rel
+        if rel in stored_split:
+            split = stored_split[rel]
+            header = Descriptor(HEADER_TYPE, "sha256:" + split.header[0], split.header[1],
+                                {TITLE: rel})
+            sources.setdefault(header.digest, (blob_path(split.header[0]), 0, split.header[1]))
+            tensors = []
+            for name, hexdigest, size in split.tensors:
+                d = Descriptor(TENSOR_TYPE, "sha256:" + hexdigest, size, {TENSOR_NAME: name})
+                tensors.append((name, d))
+                sources.setdefault(d.digest, (blob_path(hexdigest), 0, size))
+            tensor_files[rel] = TensorFile(header, tuple(tensors))
+            continue
         if rel == WEIGHTS and blob_path is not None and is_split(directory):
             layout = read_layout(directory, module)
             header = Descriptor(HEADER_TYPE, "sha256:" + layout.header_sha256,

@@ -3,7 +3,10 @@
 ::
 
     partial/<hex>.part         a download in progress (resumed with a Range request)
+    partial/<hex>.lock         held while one process downloads that blob
     blobs/<hex>                a downloaded blob, verified (digest and size), not yet in a module
+    transfers.lock             held (shared) by every pull while it runs; gc cleans the
+                               downloads only when it can hold it alone
     refs/manifest-<hex>.json   an OCI manifest digest -> the module digest it carries
     refs/tag-<hex>.json        sha256 of 'registry/repository:tag' -> last manifest seen there
     locations/<hex>.json       a module digest -> where it was pushed or pulled from
@@ -14,6 +17,11 @@ already has there (see :func:`local_tensors`), so only a child's new tensors are
 pulled module costs its bytes once.
 The records let a pinned reference resolve without the network, and let a push of a child
 mount its parent's blobs from the repository the parent came from.
+
+What an interrupted pull leaves (partial files, downloaded blobs) is what the next pull
+resumes from; ``graft gc`` deletes it once no pull is running and it is of no further use
+(:meth:`BlobCache.collect`): downloads the store already holds, and the rest once untouched
+for :data:`RESUME_WINDOW` (or at once with ``graft gc --downloads``). Records are kept.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from filelock import FileLock
 
@@ -31,9 +40,13 @@ from graft.errors import FormatError
 from graft.format import jsonio
 from graft.format.manifest import Manifest
 
-__all__ = ["BlobCache", "local_tensors"]
+__all__ = ["BlobCache", "RESUME_WINDOW", "local_tensors"]
 
 _MAX_RECORD = 1 << 20
+#: Seconds a partial download, or a downloaded blob that no module holds yet, is kept for a
+#: pull to resume from since it was last written; ``graft gc`` deletes it after that.
+RESUME_WINDOW = 7 * 24 * 3600
+_TRANSFERS = "transfers.lock"
 
 
 class BlobCache:
@@ -60,6 +73,77 @@ class BlobCache:
         """Hold the download of one blob (two pulls never write one partial file)."""
         with FileLock(str(self._dir("partial") / f"{hexdigest}.lock"), timeout=600):
             yield
+
+    @contextlib.contextmanager
+    def transfer(self) -> Iterator[None]:
+        """Hold the cache for one pull: while any pull holds it, gc leaves the downloads."""
+        from graft.hub import staging
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = staging.hold(self.root / _TRANSFERS, shared=True)
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    def collect(self, in_store: Callable[[str], bool], *, everything: bool = False,
+                now: float | None = None) -> tuple[int, int, bool]:
+        """Delete the downloads no pull needs, unless a pull is running.
+
+        Deleted: downloaded blobs and partial downloads of blobs the store holds (a later
+        pull reads those from the store), partial downloads of blobs already downloaded,
+        lock files of no partial download, and every other download untouched for
+        :data:`RESUME_WINDOW` seconds; with ``everything``, every download.
+
+        Args:
+            in_store: Whether the store holds the blob with this hex sha256.
+
+        Returns:
+            ``(files removed, bytes freed, busy)``; ``busy`` when a pull was running and
+            nothing was touched.
+        """
+        from graft.hub import staging
+
+        if not self.root.is_dir():
+            return 0, 0, False
+        fd = staging.unheld(self.root / _TRANSFERS)
+        if fd is None:
+            return 0, 0, True
+        now = time.time() if now is None else now
+        removed = freed = 0
+
+        def stale(path: Path) -> bool:
+            try:
+                return everything or now - path.lstat().st_mtime > RESUME_WINDOW
+            except FileNotFoundError:
+                return False
+
+        def drop(path: Path) -> None:
+            nonlocal removed, freed
+            freed += staging.remove(path)
+            removed += 1
+
+        try:
+            done = set()
+            for blob in staging.entries(self.root / "blobs"):
+                if in_store(blob.name) or stale(blob):
+                    drop(blob)
+                else:
+                    done.add(blob.name)
+            parts = staging.entries(self.root / "partial")
+            for part in parts:
+                if part.suffix == ".lock":
+                    continue
+                hexdigest = part.name.removesuffix(".part")
+                if hexdigest in done or in_store(hexdigest) or stale(part):
+                    drop(part)
+            for lock in parts:  # no pull runs, so none holds or is about to take one
+                if lock.suffix == ".lock" and not lock.with_suffix(".part").exists():
+                    lock.unlink(missing_ok=True)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return removed, freed, False
 
     def discard(self, hexdigests: Iterable[str]) -> None:
         """Drop downloaded blobs once a module holds them."""

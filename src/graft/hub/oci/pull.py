@@ -26,6 +26,7 @@ from graft.hub.oci.artifact import (
     CONFIG_TYPE,
     INDEX_TYPE,
     MANIFEST_TYPE,
+    MAX_HEADER,
     MAX_MANIFEST,
     Descriptor,
     Plan,
@@ -74,22 +75,29 @@ def pull(reference: str | Reference, *, store: Any = None, progress: bool | None
     own = client is None
     client = client or RegistryClient(ref.registry)
     try:
-        data, digest = fetch_manifest(client, ref)
-        plan = parse_manifest(data, f"the manifest of {ref}")
-        module_digest = plan.config.digest
-        stored = _stored(store, module_digest)
-        if stored is None:
-            config = _small_blob(client, ref, plan.config, cache)
-            manifest = _module_manifest(config, plan, ref)
-            stored = _assemble(store, cache, client, ref, plan, manifest, config, progress,
-                               workers)
-        cache.remember(registry=ref.registry, repository=ref.repository, tag=ref.tag,
-                       manifest_digest=digest, manifest_size=len(data),
-                       module_digest=module_digest)
-        return stored
+        with cache.transfer():  # gc leaves the downloads alone while this runs
+            return _pull(store, cache, client, ref, progress, workers)
     finally:
         if own:
             client.close()
+
+
+def _pull(store: Any, cache: BlobCache, client: RegistryClient, ref: Reference,
+          progress: bool | None, workers: int) -> Any:
+    """Fetch, check and add the module ``ref`` names (the transfer is held)."""
+    data, digest = fetch_manifest(client, ref)
+    plan = parse_manifest(data, f"the manifest of {ref}")
+    module_digest = plan.config.digest
+    stored = _stored(store, module_digest)
+    if stored is None:
+        config = _small_blob(client, ref, plan.config, cache)
+        manifest = _module_manifest(config, plan, ref)
+        stored = _assemble(store, cache, client, ref, plan, manifest, config, progress,
+                           workers)
+    cache.remember(registry=ref.registry, repository=ref.repository, tag=ref.tag,
+                   manifest_digest=digest, manifest_size=len(data),
+                   module_digest=module_digest)
+    return stored
 
 
 def fetch_manifest(client: RegistryClient, ref: Reference) -> tuple[bytes, str]:
@@ -173,7 +181,9 @@ def _assemble(store: Any, cache: BlobCache, client: RegistryClient, ref: Referen
              if blob_path is not None
              and _has(blob_path(manifest.files[rel].sha256), manifest.files[rel].size)}
     splits = {rel: split for rel, split in plan.tensor_files.items() if rel not in whole}
-    wanted = {d.hex for split in splits.values() for _, d in split.tensors}
+    # tensors and headers (a child's usually equal its parent's) are blobs of the store too
+    wanted = {d.hex for split in splits.values() for d in (split.header,
+                                                           *(t for _, t in split.tensors))}
     parents = [f"{p.handle.partition('@')[0]}@{p.digest}" for p in manifest.parents]
     local = local_tensors(store, wanted, first=parents)
     fetch: dict[str, Descriptor] = {}
@@ -181,7 +191,8 @@ def _assemble(store: Any, cache: BlobCache, client: RegistryClient, ref: Referen
         if rel not in whole:
             fetch.setdefault(d.digest, d)
     for split in splits.values():
-        fetch.setdefault(split.header.digest, split.header)
+        if split.header.hex not in local:
+            fetch.setdefault(split.header.digest, split.header)
         for _, d in split.tensors:
             if d.hex not in local:
                 fetch.setdefault(d.digest, d)
@@ -196,7 +207,7 @@ def _assemble(store: Any, cache: BlobCache, client: RegistryClient, ref: Referen
             elif rel in plan.files:
                 _copy_file(paths[plan.files[rel].digest], plan.files[rel], tree / rel)
         for rel, split in splits.items():
-            header = paths[split.header.digest].read_bytes()
+            header = _header(client, ref, split.header, paths, local, cache)
             by_name = dict(split.tensors)
             layout = parse_header(header, {name: d.size for name, d in split.tensors})
             (tree / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +228,26 @@ def _assemble(store: Any, cache: BlobCache, client: RegistryClient, ref: Referen
     if stored.digest != manifest.digest:
         raise IntegrityError(f"pulled {ref} but the store holds {stored.digest}")
     return stored
+
+
+def _header(client: RegistryClient, ref: Reference, d: Descriptor, paths: dict[str, Path],
+            local: dict[str, tuple[Path, int, int]], cache: BlobCache) -> bytes:
+    """A safetensors header's bytes: downloaded, or from the store when it holds them intact
+    (otherwise fetched after all)."""
+    if d.digest not in paths:
+        source, start, end = local[d.hex]
+        data = b""
+        if end - start == d.size <= MAX_HEADER:
+            try:
+                with open(source, "rb") as f:
+                    f.seek(start)
+                    data = f.read(d.size)
+            except OSError:
+                pass
+        if len(data) == d.size and "sha256:" + hashlib.sha256(data).hexdigest() == d.digest:
+            return data
+        paths[d.digest] = download(client, ref.repository, d, cache)
+    return paths[d.digest].read_bytes()
 
 
 def _download_all(client: RegistryClient, ref: Reference, blobs: list[Descriptor],
