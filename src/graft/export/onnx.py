@@ -101,7 +101,6 @@ def reference_inputs(module: Any, name: str) -> dict[str, torch.Tensor]:
     Raises:
         ExportError: the module has no reference inputs for the signature.
     """
-    from graft.format.manifest import resolve_inside
     from graft.runtime.load import read_safetensors
 
     rel = f"reference/{name}.safetensors"
@@ -109,7 +108,7 @@ def reference_inputs(module: Any, name: str) -> dict[str, torch.Tensor]:
         raise ExportError(f"module {module.name} stores no reference inputs for signature "
                           f"{name!r}, so the export cannot be checked against PyTorch; "
                           "re-save the module with graft.save, which records them")
-    ref = read_safetensors(resolve_inside(module.directory.resolve(), rel))
+    ref = read_safetensors(module.file_path(rel))
     spec = module.manifest.signatures[name]
     inputs = {k: ref.get(f"input.{k}") for k in spec.inputs}
     missing = [k for k, v in inputs.items() if v is None]
@@ -275,10 +274,8 @@ def export_onnx(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[
         }
         del session
         if tokenizer_out is not None:
-            from graft.format.manifest import resolve_inside
-
             config["preprocess"]["tokenizer"] = tokenizer_out.name
-            shutil.copyfile(resolve_inside(module.directory.resolve(), tokenizer),
+            shutil.copyfile(module.file_path(tokenizer),
                             Path(tmp) / tokenizer_out.name)
         _fs.fsync_tree(tmp)
         # The model (and any external-data file of one over 2 GB) first, the JSON last: a

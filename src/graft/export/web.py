@@ -130,9 +130,8 @@ def _check_page_can_run(module: Any, name: str) -> str:
                               f"implements {' and '.join(_INTERPOLATIONS)}")
         return "image"
     from graft.format.jsonio import loads
-    from graft.format.manifest import resolve_inside
 
-    path = resolve_inside(module.directory.resolve(), pre.tokenizer)
+    path = module.file_path(pre.tokenizer)
     tokenizer = loads(path.read_bytes(), what=pre.tokenizer, max_bytes=64 << 20)
     if not isinstance(tokenizer, dict):
         raise ExportError(f"{pre.tokenizer} of {module.name} is not a tokenizer.json object")

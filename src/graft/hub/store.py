@@ -306,10 +306,12 @@ class Store:
                                    deferred=recorded if defer else None), manifest
 
     def read_tensors(self, stored: StoredModule, manifest: Manifest,
-                     alloc: Callable[[str, int], Any]) -> None:
+                     alloc: Callable[[str, int], Any],
+                     mapped: Callable[[str, int, int], None] | None = None) -> None:
         """Read every tensor of a module opened with ``reading_tensors=True`` into buffers
         from ``alloc(name, size)``, checking each blob as it is read: its size on the
         descriptor, its bytes hashed unless its fingerprint vouches for them (then recorded).
+        A vouched-for blob goes to ``mapped(name, fd, size)`` instead, when given.
 
         Raises:
             IntegrityError: a blob is missing, of the wrong size or altered.
@@ -319,7 +321,7 @@ class Store:
 
         try:
             fresh = read_checked(self.blob_file, manifest, stored.deferred, alloc, now_ns,
-                                 Fingerprint)
+                                 Fingerprint, mapped)
         except IntegrityError as exc:
             raise IntegrityError(f"stored module {stored.handle} ({stored.digest}) is damaged: "
                                  f"{exc}. Run `graft verify {stored.handle}` for a full check, "

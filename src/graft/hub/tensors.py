@@ -266,13 +266,10 @@ def _place_stream(blob: Path, src: BinaryIO, size: int, sha256: str, whole: Any,
     return not existed
 
 
-def read_exact(path: str, size: int, into: Any, what: str) -> os.stat_result:
-    """Read the regular file ``path`` of exactly ``size`` bytes into the buffer ``into``.
+def _open_blob(path: str, size: int, what: str) -> tuple[int, os.stat_result]:
+    """Open the regular file ``path`` of exactly ``size`` bytes: its descriptor and ``fstat``.
 
     Plain descriptors, no file objects: this runs for every tensor of every load.
-
-    Returns:
-        The file's ``fstat``, taken on the descriptor that was read.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -283,16 +280,35 @@ def read_exact(path: str, size: int, into: Any, what: str) -> os.stat_result:
         if not stat.S_ISREG(st.st_mode) or st.st_size != size:
             raise IntegrityError(f"{what} is {st.st_size} bytes but the manifest records "
                                  f"{size}: it is truncated or altered")
-        view = memoryview(into).cast("B")
-        done = 0
-        while done < size:
-            n = os.readv(fd, [view[done:]])
-            if not n:
-                raise IntegrityError(f"{what} was truncated while it was read")
-            done += n
-        return st
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _read_fd(fd: int, size: int, into: Any, what: str) -> None:
+    """Read exactly ``size`` bytes from ``fd`` into the buffer ``into``."""
+    view = memoryview(into).cast("B")
+    done = 0
+    while done < size:
+        n = os.readv(fd, [view[done:]])
+        if not n:
+            raise IntegrityError(f"{what} was truncated while it was read")
+        done += n
+
+
+def read_exact(path: str, size: int, into: Any, what: str) -> os.stat_result:
+    """Read the regular file ``path`` of exactly ``size`` bytes into the buffer ``into``.
+
+    Returns:
+        The file's ``fstat``, taken on the descriptor that was read.
+    """
+    fd, st = _open_blob(path, size, what)
+    try:
+        _read_fd(fd, size, into, what)
     finally:
         os.close(fd)
+    return st
 
 
 def read_tensor(blob: str, size: int, into: Any) -> None:
@@ -303,10 +319,15 @@ def read_tensor(blob: str, size: int, into: Any) -> None:
 
 def read_checked(blob_file: Callable[[str], str], manifest: Manifest,
                  recorded: dict[str, Any] | None, alloc: Callable[[str, int], Any],
-                 now_ns: Callable[[], int], fingerprint: Any) -> dict[str, Any]:
+                 now_ns: Callable[[], int], fingerprint: Any,
+                 mapped: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Read every tensor of a split module into ``alloc(name, size)`` buffers, checking
     each blob on the descriptor read: its type and size, and its bytes (hashed from the
     buffer, never read twice) unless the recorded fingerprint vouches for it.
+
+    With ``mapped``, a blob whose fingerprint vouches for it is not read at all: it is
+    handed over as ``mapped(name, fd, size)`` (the descriptor is closed after the call), so
+    the caller can map it copy-on-write instead of copying its bytes.
 
     Returns:
         Fresh fingerprints of the blobs hashed and found intact (keyed by :func:`blob_key`).
@@ -317,17 +338,26 @@ def read_checked(blob_file: Callable[[str], str], manifest: Manifest,
     recorded = recorded or {}
     fresh: dict[str, Any] = {}
     for name, sha256, size in manifest_tensors(manifest):
-        into = alloc(name, size)
         if not size:
+            alloc(name, size)
             continue
-        checked = now_ns()  # before the fstat: a change after it always counts as racy
-        st = read_exact(blob_file(sha256), size, into, f"the blob of tensor {name}")
-        view = memoryview(into).cast("B")
+        what = f"the blob of tensor {name}"
         key = blob_key(sha256)
-        vouched = recorded.get(key)
-        if key in fresh or (vouched is not None and vouched.vouches_for(st)):
+        checked = now_ns()  # before the fstat: a change after it always counts as racy
+        fd, st = _open_blob(blob_file(sha256), size, what)
+        try:
+            vouched = recorded.get(key)
+            trusted = key in fresh or (vouched is not None and vouched.vouches_for(st))
+            if trusted and mapped is not None:
+                mapped(name, fd, size)
+                continue
+            into = alloc(name, size)
+            _read_fd(fd, size, into, what)
+        finally:
+            os.close(fd)
+        if trusted:
             continue
-        if hash_buffer(view) != sha256:
+        if hash_buffer(memoryview(into).cast("B")) != sha256:
             raise IntegrityError(f"the blob of tensor {name} does not match its sha256 in the "
                                  "manifest: it was altered")
         fresh[key] = fingerprint.of(st, checked)

@@ -117,8 +117,16 @@ _TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": 
 
 
 def _read_stored(store: Any, stored: Any, manifest: Manifest) -> dict[str, torch.Tensor]:
-    """Each tensor from its store blob into a fresh (aligned) torch allocation, dtype and
-    shape from the validated manifest; the store checks every blob on the way."""
+    """Each tensor from its store blob, dtype and shape from the validated manifest; the
+    store checks every blob on the way.
+
+    A blob the store has to hash is read into a fresh torch allocation and hashed there (its
+    bytes are read once). A blob whose recorded fingerprint vouches for it is mapped
+    copy-on-write instead: no copy at load, pages shared with the page cache and with other
+    processes using the same tensor, and writes (fine-tuning in place) land in private pages,
+    never in the store. Blobs start at offset 0, so every mapping is page-aligned.
+    """
+    import mmap
     import sys
 
     if sys.byteorder != "little":
@@ -129,7 +137,12 @@ def _read_stored(store: Any, stored: Any, manifest: Manifest) -> dict[str, torch
         flats[name] = torch.empty(size, dtype=torch.uint8)
         return flats[name].numpy()
 
-    store.read_tensors(stored, manifest, alloc)
+    def mapped(name: str, fd: int, size: int) -> None:
+        # The tensor keeps the mapping alive; the mapping outlives the closed descriptor.
+        flats[name] = torch.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_COPY),
+                                       dtype=torch.uint8)
+
+    store.read_tensors(stored, manifest, alloc, mapped)
     return {name: flats[name].view(_TORCH_DTYPES[entry.dtype]).view(entry.shape)
             for name, entry in manifest.tensors.items()}
 

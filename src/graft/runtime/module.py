@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -134,6 +136,17 @@ class Module(nn.Module):
             raise FileNotFoundError(f"module {self.name} has no asset {name!r}; it has "
                                     f"{assets}")
         return resolve_inside(self._files.resolve(), rel)
+
+    def file_path(self, rel: str) -> Path:
+        """The path of the module file ``rel`` (as the manifest lists it). Files a store tree
+        keeps whole (programs, assets, the tokenizer) are read in place; weights and
+        reference files, which it keeps as tensor blobs, come from :attr:`directory`."""
+        if rel not in self.manifest.files:
+            raise FileNotFoundError(f"module {self.name} has no file {rel!r}")
+        here = resolve_inside(self._files.resolve(), rel)
+        if self._on_demand is None or os.path.lexists(here):
+            return here
+        return resolve_inside(self.directory.resolve(), rel)
 
     @property
     def directory(self) -> Path:
