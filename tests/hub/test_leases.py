@@ -148,3 +148,33 @@ def test_a_same_size_edit_of_the_weights_is_caught_by_graft_load(stored: Store) 
     path.write_bytes(bytes(data))
     with pytest.raises(graft.IntegrityError, match=f"tensor {name} does not match its sha256"):
         graft.load("tiny-cnn")
+
+
+def test_a_copied_module_holds_a_lease_of_its_own(stored: Store) -> None:
+    import copy
+    import gc
+
+    unraisable: list[BaseException | None] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda info: unraisable.append(info.exc_value)
+    try:
+        want = expected_output()
+        tree = stored.resolve("tiny-cnn").path
+        module = graft.load("tiny-cnn").eval()
+        twin = copy.deepcopy(module)  # as EMA or best-model keeping do
+        assert twin._store_lease._fd != module._store_lease._fd
+        del module
+        gc.collect()  # the original closes its descriptor, and only its own
+        stored.remove("tiny-cnn@1.0.0")
+        report = stored.gc()
+        assert (report.trees_removed, report.trees_kept) == (0, 1) and tree.exists()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            y = twin(torch.randn(2, 3, 16, 16))
+        assert "called " + " ".join(f"{v:.6f}" for v in y.flatten().tolist()) == want
+        del twin
+        gc.collect()
+        assert stored.gc().trees_removed == 1 and not tree.exists()
+    finally:
+        sys.unraisablehook = hook
+    assert unraisable == []

@@ -34,6 +34,20 @@ class Lease:
     def __del__(self) -> None:
         self.close()
 
+    # A copied module (copy.deepcopy, as EMA and best-model keeping do) holds the lease
+    # too: through its own duplicate of the descriptor, so that each copy closes only its
+    # own (a shared copy of the number would close it twice, the second time perhaps
+    # another file's). The lock belongs to the open file, so it lasts while any copy lives.
+    def __copy__(self) -> Lease:
+        return Lease(os.dup(self._fd) if self._fd >= 0 else -1)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Lease:
+        return self.__copy__()
+
+    # A descriptor means nothing in another process: a module unpickled there holds none.
+    def __getstate__(self) -> dict[str, int]:
+        return {"_fd": -1}
+
 
 def take(path: Path) -> Lease | None:
     """A shared lease on ``path`` for this process; None where it cannot be created (a
