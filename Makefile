@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-digits test bench install clean
+.PHONY: demo demo-digits test bench install zoo clean
 
 $(STAMP): pyproject.toml requirements-dev.txt web/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,17 @@ $(STAMP): pyproject.toml requirements-dev.txt web/package-lock.json
 	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) zoo
 
-demo: $(STAMP)
+# Set-up for the demo: the pretrained modules it uses, imported into $GRAFT_HOME once (about
+# half a minute: graft.save exports and checks every program). `graft import` skips a module
+# already stored, so this is idempotent and costs a second when done; `make test` needs none of
+# it (the tests use their own stores).
+zoo: $(STAMP)
+	$(VENV)/bin/graft import efficientnet-lite0
+	$(VENV)/bin/graft import minilm-l6
+
+demo: install
 	$(PY) examples/quickstart.py
 
 # The full transfer-learning table (a few minutes): digits with 10 labels per class.

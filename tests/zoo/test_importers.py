@@ -77,6 +77,26 @@ def test_import_is_idempotent(zoo):
     assert again.digest == first
 
 
+_NO_TORCH = """
+import atexit, sys
+atexit.register(lambda: print("TORCH" if "torch" in sys.modules else "NO-TORCH",
+                              file=sys.stderr))
+import graft.cli
+sys.exit(graft.cli.main(sys.argv[1:]))
+"""
+
+
+def test_graft_import_of_a_stored_module_loads_no_torch(zoo):
+    # `make install` runs `graft import` on every call: when the module is stored it only
+    # resolves it (a second, not the ~3 s of importing torch, nor a re-export).
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH, "import", "minilm-l6"],
+                         capture_output=True, text=True, env=env_with_src(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["minilm-l6@1.0.0",
+                                  graft.Store().resolve("minilm-l6@1.0.0").digest]
+    assert out.stderr.strip().splitlines()[-1] == "NO-TORCH"
+
+
 def test_chelsea_is_a_cat_and_coffee_is_not(zoo, photos):
     classifier = graft.load("efficientnet-lite0")
     with torch.no_grad():

@@ -23,24 +23,33 @@ def as_inputs(inputs: Any) -> tuple[Any, ...]:
 
 def call(model: Any, inputs: Any) -> Any:
     """``model(x)``, ``model(*xs)`` or ``model(**xs)`` for a tensor, tuple or dict batch."""
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
     if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(*as_inputs(inputs))
 
 
 def move(inputs: Any, labels: Any, device: torch.device) -> tuple[Any, Any, tuple[Any, ...]]:
-    """``(inputs, labels)`` on ``device``, and the input tensors in call order."""
+    """``(inputs, labels)`` on ``device``, and the input tensors in call order.
+
+    A single input tensor stays a tensor (it runs once per training step, so the common
+    case takes no tuple or closure).
+    """
     non_blocking = device.type == "cuda"
-
-    def one(x: Any) -> Any:
-        return x.to(device, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x
-
+    if isinstance(labels, torch.Tensor):
+        labels = labels.to(device, non_blocking=non_blocking)
+    if isinstance(inputs, torch.Tensor):
+        inputs = inputs.to(device, non_blocking=non_blocking)
+        return inputs, labels, (inputs,)
     if isinstance(inputs, Mapping):
-        moved: Any = {k: one(v) for k, v in inputs.items()}
+        moved: Any = {k: v.to(device, non_blocking=non_blocking)
+                      if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         values = tuple(moved.values())
     else:
-        moved = values = tuple(one(x) for x in as_inputs(inputs))
-    return moved, one(labels), values
+        moved = values = tuple(x.to(device, non_blocking=non_blocking)
+                               if isinstance(x, torch.Tensor) else x for x in as_inputs(inputs))
+    return moved, labels, values
 
 
 def is_tensor_batch(data: Any) -> bool:

@@ -289,6 +289,7 @@ class Estimator(TrainLoop, Inference):
                 scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
                 rng=rng, data=data)
             _log.info("checkpoint %d saved to %s", self._pos.step, path)
+            self._events.flush()  # the scalars up to this checkpoint are on disk with it
         self.strategy.barrier()
         self._last_saved, self._last_saved_at = self._pos.step, self.clock()
         for callback in self.callbacks:
@@ -309,13 +310,16 @@ class Estimator(TrainLoop, Inference):
                                          if isinstance(x, torch.Tensor))
         return moved, labels
 
-    def _compute_loss(self, logits: torch.Tensor, labels: Any, where: str) -> torch.Tensor:
+    def _compute_loss(self, logits: torch.Tensor, labels: Any, where: str | int) -> torch.Tensor:
+        """The loss of one batch; ``where`` names it in errors (a step number, or a phase)."""
         try:
             loss = (self.loss(labels=labels, logits=logits) if self._loss_by_keyword
                     else self.loss(logits, labels))
         except DataError as exc:
+            where = f"step {where}" if isinstance(where, int) else where
             raise DataError(f"{where}: {exc}") from exc
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        if not isinstance(loss, torch.Tensor) or loss.dim():
+            where = f"step {where}" if isinstance(where, int) else where
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise TrainingError(f"{where}: the loss must return a 0-d tensor (the batch "
                                 f"mean); got {shape}. Use reduction='mean'")

@@ -23,6 +23,7 @@ class InterruptGuard:
         self._pending = False
         self._previous: Any = None
         self._installed = False
+        self._critical = _Critical(self)  # one object, entered twice per training step
 
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():
@@ -48,12 +49,15 @@ class InterruptGuard:
             raise KeyboardInterrupt
 
     def critical(self) -> _Critical:
-        """A section Ctrl-C cannot cut: a pending interrupt is raised when it ends."""
-        return _Critical(self)
+        """A section Ctrl-C cannot cut: a pending interrupt is raised when it ends.
+
+        Sections nest (a depth count), so the one returned object can be entered again.
+        """
+        return self._critical
 
 
 class _Critical:
-    """``with guard.critical():`` (a plain class: it runs twice per training step)."""
+    """``with guard.critical():`` (a plain class with slots: it runs on every step)."""
 
     __slots__ = ("guard",)
 

@@ -148,18 +148,21 @@ class TrainLoop:
         model, optimizer, scheduler = self._train_model, self.optimizer, self.scheduler
         seconds, callbacks = self.checkpoint_every_seconds, self.callbacks
         agree = world > 1 and (bool(callbacks) or seconds is not None)
+        log_every, events, history = self.log_every, self._events, self.history
         bar = self._progress(total=max_steps, initial=pos.step, desc="train", unit="step")
+        show = not bar.disable  # a disabled bar still formats its postfix: skip the calls
         mark_time, mark_step = time.perf_counter(), pos.step
         was_training = self.model.training
         model.train()
         guard = InterruptGuard()
+        critical = guard.critical()
         try:
             with guard:
                 for (inputs, labels), after in batches:
                     inputs, labels = self._to_device(inputs, labels)
                     optimizer.zero_grad(set_to_none=True)
                     logits = call(model, inputs)
-                    loss = self._compute_loss(logits, labels, f"step {pos.step + 1}")
+                    loss = self._compute_loss(logits, labels, pos.step + 1)
                     loss.backward()
                     if world == 1:
                         value = loss.item()
@@ -169,27 +172,29 @@ class TrainLoop:
                     if not math.isfinite(value):
                         optimizer.zero_grad(set_to_none=True)
                         raise TrainingError(self._nan_message(value, pos.step + 1))
-                    with guard.critical():
+                    with critical:
                         optimizer.step()
                         if scheduler is not None:
                             scheduler.step()
                         pos.step += 1
                         pos.epoch, pos.batch, pos.offset = after
                     step = pos.step
-                    bar.update(1)
+                    if show:
+                        bar.update(1)
                     if callbacks:
                         logs = {"loss": value, "lr": float(optimizer.param_groups[0]["lr"])}
                         for callback in callbacks:
                             callback.on_step(self, step, logs)
-                    if step % self.log_every == 0 or step == max_steps:
+                    if step % log_every == 0 or step == max_steps:
                         now = time.perf_counter()
                         record = {"loss": value, "lr": float(optimizer.param_groups[0]["lr"]),
                                   "steps_per_sec": (step - mark_step) / max(now - mark_time,
                                                                             1e-9)}
                         mark_time, mark_step = now, step
-                        self.history.append({"step": step, **record})
-                        self._events.scalars("train", step, record)
-                        bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+                        history.append({"step": step, **record})
+                        events.scalars("train", step, record)
+                        if show:
+                            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
                     due = step % every == 0
                     timed = seconds is not None and chief \
                         and self.clock() - self._last_saved_at >= seconds
@@ -199,13 +204,13 @@ class TrainLoop:
                             [float(stop), float(timed)], device=self.device)).tolist()
                         stop, timed = flags[0] > 0, flags[1] > 0
                     if due or timed:
-                        with guard.critical():
+                        with critical:
                             self._save()
                     stop_point("train.step")
                     if stop:
                         _log.info("stopping at step %d: a callback requested it", step)
                         break
-                with guard.critical():
+                with critical:
                     self._save()
         except KeyboardInterrupt:
             self._save()  # the state is the last completed step's: updates are critical

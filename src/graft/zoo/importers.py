@@ -13,9 +13,10 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
 from graft.errors import ModuleNotFound
+
+# torch is imported by the importers themselves: `graft import` of a module already stored
+# (what `make install` does on every run) resolves it without loading torch.
 
 __all__ = ["ZOO", "ZooEntry", "import_module"]
 
@@ -33,6 +34,8 @@ class ZooEntry:
 
 
 def _efficientnet_lite0(store: Any) -> Any:
+    import torch
+
     import graft
     from graft._extras import require
     from graft.zoo import efficientnet
@@ -93,6 +96,8 @@ ImageNet's label set and biases carry over.
 
 
 def _minilm_l6(store: Any) -> Any:
+    import torch
+
     import graft
     from graft.zoo import minilm
 
