@@ -24,7 +24,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from graft._fs import sha256_bytes
 from graft.errors import FormatError, IntegrityError
@@ -190,6 +190,22 @@ class Plan:
                                          f"is not the tensor {MANIFEST_NAME} records")
 
 
+def _stored_tensor_file(rel: str, header_hex: str, header_size: int, header_source: Path,
+                        tensors: Any, blob_path: Callable[[str], Path],
+                        sources: dict[str, tuple[Path, int, int]]) -> TensorFile:
+    """A safetensors file the store keeps as blobs: its header and tensor descriptors, each
+    blob's source recorded in ``sources`` (path, offset, size) for the push to read."""
+    header = Descriptor(HEADER_TYPE, "sha256:" + header_hex, header_size, {TITLE: rel})
+    sources.setdefault(header.digest, (header_source, 0, header_size))
+    described = []
+    for name, hexdigest, size in tensors:
+        d = Descriptor(TENSOR_TYPE, "sha256:" + hexdigest, size, {TENSOR_NAME: name})
+        described.append((name, d))
+        sources.setdefault(d.digest, (blob_path(hexdigest), 0, size))
+    return TensorFile(header, tuple(described))
+
+
+
 def build_manifest(module: Manifest, directory: Path, subject: Descriptor | None = None,
                    blob_path: Any = None
                    ) -> tuple[bytes, Plan, dict[str, tuple[Path, int, int]]]:
@@ -216,27 +232,15 @@ def build_manifest(module: Manifest, directory: Path, subject: Descriptor | None
         path = directory / rel
         if rel in stored_split:
             split = stored_split[rel]
-            header = Descriptor(HEADER_TYPE, "sha256:" + split.header[0], split.header[1],
-                                {TITLE: rel})
-            sources.setdefault(header.digest, (blob_path(split.header[0]), 0, split.header[1]))
-            tensors = []
-            for name, hexdigest, size in split.tensors:
-                d = Descriptor(TENSOR_TYPE, "sha256:" + hexdigest, size, {TENSOR_NAME: name})
-                tensors.append((name, d))
-                sources.setdefault(d.digest, (blob_path(hexdigest), 0, size))
-            tensor_files[rel] = TensorFile(header, tuple(tensors))
+            tensor_files[rel] = _stored_tensor_file(
+                rel, split.header[0], split.header[1], blob_path(split.header[0]),
+                split.tensors, blob_path, sources)
             continue
         if rel == WEIGHTS and blob_path is not None and is_split(directory):
             layout = read_layout(directory, module)
-            header = Descriptor(HEADER_TYPE, "sha256:" + layout.header_sha256,
-                                len(layout.header), {TITLE: rel})
-            sources.setdefault(header.digest, (directory / HEADER_LINK, 0, len(layout.header)))
-            tensors = []
-            for name, hexdigest, size in layout.tensors:
-                d = Descriptor(TENSOR_TYPE, "sha256:" + hexdigest, size, {TENSOR_NAME: name})
-                tensors.append((name, d))
-                sources.setdefault(d.digest, (blob_path(hexdigest), 0, size))
-            tensor_files[rel] = TensorFile(header, tuple(tensors))
+            tensor_files[rel] = _stored_tensor_file(
+                rel, layout.header_sha256, len(layout.header), directory / HEADER_LINK,
+                layout.tensors, blob_path, sources)
             continue
         if rel.endswith(".safetensors"):
             expected = ({n: t.sha256 for n, t in module.tensors.items()} if rel == WEIGHTS
