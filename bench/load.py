@@ -1,8 +1,8 @@
 """Load-time and latency benchmark: this Graft against an earlier one and against plain PyTorch.
 
 Run: ``.venv/bin/python bench/load.py`` (``--quick`` for fewer repeats, ``--before REV`` for
-the revision to compare with, default ``HEAD``; ``--no-before`` to skip it). Prints medians
-measured in one run, on this machine:
+the revision to compare with, default ``HEAD``; ``--no-before`` to skip it; ``--rounds N``
+turns per tree, default 3). Prints medians and minimums measured in one run, on this machine:
 
 1. For the tiny CNN of the tests, EfficientNet-Lite0 and MiniLM, each from a warm store:
    ``graft.load``, ``graft.load`` + the first call (which reads, validates and builds the
@@ -32,14 +32,18 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+def _samples_ms(fn: Callable[[], object], repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         gc.collect()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return times
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    return statistics.median(_samples_ms(fn, repeats))
 
 
 # -- measuring one tree (runs in a child process whose sys.path starts at that tree's src) ---
@@ -79,8 +83,8 @@ def _models() -> dict[str, tuple[Callable[[], str], Any]]:
     }
 
 
-def measure(repeats: int) -> dict[str, dict[str, float]]:
-    """load / first call / steady call medians (ms) of each model, in this process's Graft."""
+def measure(repeats: int) -> dict[str, dict[str, list[float]]]:
+    """load / first call / steady call times (ms) of each model, in this process's Graft."""
     import torch
 
     import graft
@@ -102,13 +106,14 @@ def measure(repeats: int) -> dict[str, dict[str, float]]:
         module = graft.load(handle)
         with torch.no_grad():
             module(*inputs)
-            steady = _median_ms(lambda: module(*inputs), repeats * 3)
-        results[label] = {"load": _median_ms(lambda: graft.load(handle), repeats),
-                          "first call": _median_ms(first_call, repeats), "steady call": steady}
+            steady = _samples_ms(lambda: module(*inputs), repeats * 3)
+        results[label] = {"load": _samples_ms(lambda: graft.load(handle), repeats),
+                          "first call": _samples_ms(first_call, repeats),
+                          "steady call": steady}
     return results
 
 
-def _child(src: Path, home: Path, repeats: int) -> dict[str, dict[str, float]]:
+def _child(src: Path, home: Path, repeats: int) -> dict[str, dict[str, list[float]]]:
     env = dict(os.environ, PYTHONPATH=str(src), GRAFT_HOME=str(home))
     out = subprocess.run([sys.executable, __file__, "--measure", str(repeats)], env=env,
                          check=True, capture_output=True, text=True)
@@ -237,6 +242,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--before", default="HEAD", help="revision to compare with")
     parser.add_argument("--no-before", action="store_true", help="measure this tree only")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="turns each tree takes (a child process each)")
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -256,18 +263,26 @@ def _run(args: argparse.Namespace, repeats: int, homes: Path) -> None:
     trees = {"after": ROOT}
     if not args.no_before:
         trees = {f"before ({args.before})": _worktree(args.before), **trees}
-    results = {label: _child(tree / "src", homes / label.split()[0], repeats)
-               for label, tree in trees.items()}
+    # The trees take turns, a child process each, for several rounds: a machine whose load
+    # drifts during the run then weighs on both alike, not on whichever tree ran last.
+    results: dict[str, dict[str, dict[str, list[float]]]] = {label: {} for label in trees}
+    for _ in range(args.rounds):
+        for label, tree in trees.items():
+            for model, steps in _child(tree / "src", homes / label.split()[0], repeats).items():
+                for step, times in steps.items():
+                    results[label].setdefault(model, {}).setdefault(step, []).extend(times)
     labels = list(results)
-    print(f"graft.load from a warm store, median ms of {repeats} (steady call: "
-          f"{repeats * 3}), no grad")
-    print(f"  {'model / step':<32}" + "".join(f"{label:>18}" for label in labels)
-          + ("      after/before" if len(labels) == 2 else ""))
+    print(f"graft.load from a warm store, ms over {args.rounds} rounds of {repeats} (steady "
+          f"call: {repeats * 3}) per tree, the trees in turns, no grad: median / min")
+    print(f"  {'model / step':<32}" + "".join(f"{label:>20}" for label in labels)
+          + ("   after/before (median)" if len(labels) == 2 else ""))
     for model in results[labels[-1]]:
         for step in ("load", "first call", "steady call"):
             values = [results[label][model][step] for label in labels]
-            ratio = f"{values[1] / values[0]:15.2f}x" if len(values) == 2 else ""
-            print(f"  {model + ' ' + step:<32}" + "".join(f"{v:18.1f}" for v in values)
+            medians = [statistics.median(v) for v in values]
+            ratio = f"{medians[1] / medians[0]:15.2f}x" if len(values) == 2 else ""
+            print(f"  {model + ' ' + step:<32}"
+                  + "".join(f"{statistics.median(v):11.1f} /{min(v):6.1f}" for v in values)
                   + ratio)
     os.environ["GRAFT_HOME"] = str(homes / "after")
     sys.path.insert(0, str(ROOT / "src"))

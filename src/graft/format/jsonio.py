@@ -36,11 +36,13 @@ class _Refused(Exception):
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Refused(f"the key {key!r} appears twice in one object")
-        out[key] = value
+    out = dict(pairs)  # in C; a repeated key shows as a shorter dict
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Refused(f"the key {key!r} appears twice in one object")
+            seen.add(key)
     return out
 
 
@@ -49,6 +51,8 @@ def _constant(name: str) -> Any:
 
 
 def _integer(text: str) -> int:
+    if len(text) < 19:  # up to 18 digits always fits in 64 bits (and in the digit limit)
+        return int(text)
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise _Refused(f"an integer of {len(text)} digits exceeds the {MAX_INT_DIGITS}-digit "
                        "limit")

@@ -16,9 +16,8 @@ import os
 import sqlite3
 import time
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from graft._sqlite import transaction
 from graft.errors import StoreError, VersionConflict
@@ -103,9 +102,9 @@ CREATE INDEX IF NOT EXISTS file_blobs_by_sha256 ON file_blobs (sha256);
 RACY_NS = 2_000_000_000
 
 
-@dataclass(frozen=True)
-class Fingerprint:
-    """What ``stat`` said about a file when its bytes were last hashed and found intact."""
+class Fingerprint(NamedTuple):
+    """What ``stat`` said about a file when its bytes were last hashed and found intact (a
+    tuple: a load reads hundreds, one per tensor blob)."""
 
     size: int
     mtime_ns: int
@@ -277,11 +276,11 @@ def fingerprints(query: Callable[..., list[Any]], digest: str) -> dict[str, Fing
              for row in query("SELECT path, size, mtime_ns, ctime_ns, inode, checked_ns "
                               "FROM files WHERE module = ? AND checked_ns IS NOT NULL",
                               (digest,))}
-    # tensor blobs, keyed 'sha256:<hex>' (tensors.blob_key; never a module path)
-    found.update({"sha256:" + row["sha256"]: Fingerprint(row["size"], row["mtime_ns"],
-                                                         row["ctime_ns"], row["inode"],
-                                                         row["checked_ns"])
-                  for row in query("SELECT b.* FROM blob_checks b WHERE b.sha256 IN "
+    # tensor blobs, keyed 'sha256:<hex>' (tensors.blob_key; never a module path); hundreds
+    # of rows on every load, so read by position
+    found.update({"sha256:" + row[0]: Fingerprint(*row[1:])
+                  for row in query("SELECT sha256, size, mtime_ns, ctime_ns, inode, checked_ns "
+                                   "FROM blob_checks WHERE sha256 IN "
                                    "(SELECT sha256 FROM tensors WHERE module = ? UNION "
                                    "SELECT sha256 FROM file_blobs WHERE module = ?)",
                                    (digest, digest))})

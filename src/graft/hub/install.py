@@ -15,7 +15,7 @@ import os
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from graft._sqlite import transaction
 from graft._testing import stop_point
@@ -26,7 +26,7 @@ from graft.hub import tensorfiles
 from graft.hub.tensors import HEADER_LINK, WEIGHTS, place_weights
 from graft.hub.trees import fingerprinted
 
-__all__ = ["install"]
+__all__ = ["commit_tree", "install"]
 
 
 def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connection, *,
@@ -41,9 +41,7 @@ def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connecti
         When the row was created (UTC, ISO 8601); "" when repairing.
     """
     work = staging.new_work(store._tmp)
-    target = store.module_path(manifest.digest)
     new_blobs: list[Path] = []
-    published = False
     try:
         # The weights become a header blob and one blob per tensor (hub/tensors.py): a child
         # shares every tensor it did not change with its parent.
@@ -78,32 +76,54 @@ def install(store: Any, source: Path, manifest: Manifest, conn: sqlite3.Connecti
         tensorfiles.write_record(tree, split)
         manifest.write(tree)
         stop_point("add.tree-built")
-        if target.exists():
-            # a tree without an index row (a killed add, a removed module still in use),
-            # or one being repaired
-            os.replace(target, work / "previous")
-        publish(tree, target)
-        published = True
-        stop_point("add.tree-published")
-        if repairing:
-            with transaction(conn):  # a tree written before its reference files were split
-                index.record_split(conn, manifest.digest, split)
-            return ""
-        created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-        with transaction(conn):
-            index.insert_module(conn, manifest, created,
-                                _fingerprints(target, manifest, split), layout, split)
-            stop_point("add.row-inserted")
-        return created
+        return commit_tree(store, conn, manifest, tree, work, layout, split,
+                           lambda target: _fingerprints(target, manifest, split),
+                           repairing=repairing)
     except BaseException:
-        if published and not repairing:
-            with staging.suppress_os_error():
-                os.replace(target, work / "failed")
         for blob in new_blobs:
             blob.unlink(missing_ok=True)
         raise
     finally:
         staging.rmtree(work)
+
+
+def commit_tree(store: Any, conn: sqlite3.Connection, manifest: Manifest, tree: Path,
+                work: Path, layout: Any, split: Mapping[str, Any],
+                fingerprints: Callable[[Path], Mapping[str, index.Fingerprint]], *,
+                repairing: bool) -> str:
+    """Publish a checked tree in place of the module's (one rename), then write its index
+    row (or, when ``repairing``, its record of split files); a failure takes the published
+    tree back out. The caller holds the writer lock and takes back its own blobs.
+
+    Args:
+        fingerprints: The published tree's path -> fingerprints of the tensor files and blobs
+            just checked.
+
+    Returns:
+        When the row was created (UTC, ISO 8601); "" when repairing.
+    """
+    target = store.module_path(manifest.digest)
+    if target.exists():
+        # a tree without an index row (a killed add, a removed module still in use), or one
+        # being repaired
+        os.replace(target, work / "previous")
+    publish(tree, target)
+    stop_point("add.tree-published")
+    try:
+        if repairing:  # a tree written before its reference files were split, say
+            with transaction(conn):
+                index.record_split(conn, manifest.digest, split)
+            return ""
+        created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        with transaction(conn):
+            index.insert_module(conn, manifest, created, fingerprints(target), layout, split)
+            stop_point("add.row-inserted")
+        return created
+    except BaseException:
+        if not repairing:
+            with staging.suppress_os_error():
+                os.replace(target, work / "failed")
+        raise
 
 
 def _fingerprints(tree: Path, manifest: Manifest, split: Any) -> dict[str, index.Fingerprint]:

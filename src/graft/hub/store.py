@@ -33,7 +33,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from graft._testing import stop_point
 from graft.errors import (
@@ -182,20 +182,52 @@ class Store:
         check_sources(source, manifest.files)
         check_module(source, manifest, hash_contents=True)
         stop_point("add.checked")
+        return self._install(manifest, lambda conn, repairing: install(
+            self, source, manifest, conn, repairing=repairing))
+
+    def add_blobs(self, manifest: Manifest, layouts: Mapping[str, Any],
+                  sources: Mapping[str, Any], fetch: Callable[..., Any], *,
+                  fresh: Iterable[str] = ()) -> StoredModule:
+        """Add a module from the blobs it was sent as (what ``graft pull`` downloaded), with
+        the checks of :meth:`add` (hub/assemble.py): each blob is linked into the store, not
+        copied, and the module is visible only once all of it is there.
+
+        Args:
+            manifest: Its manifest (the caller checked the digest it was asked for).
+            layouts: Each safetensors file sent as a header and tensor blobs: its
+                ``tensorfiles.FileLayout``.
+            sources: Hex sha256 -> ``(file, start, end)`` holding that blob's bytes.
+            fetch: Gets ``[(hex sha256, size)]`` that no source holds intact: hex -> file.
+            fresh: Blobs whose sources are the caller's own files, hashed a moment ago (a
+                pull's downloads): handed over, they are linked in rather than copied.
+
+        Raises:
+            IntegrityError / FormatError: the blobs are not that module.
+            VersionConflict: another module is stored under the same name and version.
+        """
+        from graft.hub.assemble import install_blobs
+
+        fresh = frozenset(fresh)
+        return self._install(manifest, lambda conn, repairing: install_blobs(
+            self, manifest, layouts, sources, fresh, fetch, conn, repairing=repairing))
+
+    def _install(self, manifest: Manifest,
+                 write: Callable[[sqlite3.Connection, bool], str]) -> StoredModule:
+        """Run ``write(conn, repairing)`` under the writer lock unless the module is stored
+        intact; refuse a second module under one name and version."""
         with self._writer() as conn:
             row = conn.execute("SELECT * FROM modules WHERE digest = ?",
                                (manifest.digest,)).fetchone()
             if row is not None:
                 stored = self._stored(row)
-                if self._damage(stored, level="full") is None:
-                    return stored
-                install(self, source, manifest, conn, repairing=True)
+                if self._damage(stored, level="full") is not None:
+                    write(conn, True)
                 return stored
             clash = conn.execute("SELECT digest FROM modules WHERE name = ? AND version = ?",
                                  (manifest.name, manifest.version)).fetchone()
             if clash is not None:
                 raise VersionConflict(index.conflict_message(manifest, clash["digest"]))
-            created = install(self, source, manifest, conn)
+            created = write(conn, False)
             return StoredModule(name=manifest.name, version=manifest.version,
                                 digest=manifest.digest, path=self.module_path(manifest.digest),
                                 created=created, size=manifest.size,

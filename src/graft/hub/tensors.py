@@ -37,8 +37,8 @@ from graft.hub.blobs import open_regular, publish
 
 __all__ = ["HEADER_LINK", "WEIGHTS", "Layout", "blob_key", "check_blobs", "check_header",
            "hash_blob", "hash_buffer", "is_split", "manifest_tensors", "place_bytes",
-           "place_weights", "read_checked", "read_exact", "read_layout", "read_tensor",
-           "valid_blob", "write_weights"]
+           "place_weights", "read_checked", "read_exact", "read_fd", "read_layout",
+           "read_tensor", "valid_blob", "write_weights"]
 
 WEIGHTS = "weights.safetensors"
 #: The tree's link to the header blob of its weights (module paths never start with ".").
@@ -46,6 +46,7 @@ HEADER_LINK = ".weights-header"
 _CHUNK = 4 << 20
 _MAX_HEADER = 100 << 20  # far above format.limits' header bound: a bigger file is altered
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,7 @@ def _open_blob(path: str, size: int, what: str) -> tuple[int, os.stat_result]:
     Plain descriptors, no file objects: this runs for every tensor of every load.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     except FileNotFoundError:
         raise IntegrityError(f"{what} is missing from the store") from None
     try:
@@ -286,7 +287,7 @@ def _open_blob(path: str, size: int, what: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-def _read_fd(fd: int, size: int, into: Any, what: str) -> None:
+def read_fd(fd: int, size: int, into: Any, what: str) -> None:
     """Read exactly ``size`` bytes from ``fd`` into the buffer ``into``."""
     view = memoryview(into).cast("B")
     done = 0
@@ -305,7 +306,7 @@ def read_exact(path: str, size: int, into: Any, what: str) -> os.stat_result:
     """
     fd, st = _open_blob(path, size, what)
     try:
-        _read_fd(fd, size, into, what)
+        read_fd(fd, size, into, what)
     finally:
         os.close(fd)
     return st
@@ -325,9 +326,9 @@ def read_checked(blob_file: Callable[[str], str], manifest: Manifest,
     each blob on the descriptor read: its type and size, and its bytes (hashed from the
     buffer, never read twice) unless the recorded fingerprint vouches for it.
 
-    With ``mapped``, a blob whose fingerprint vouches for it is not read at all: it is
-    handed over as ``mapped(name, fd, size)`` (the descriptor is closed after the call), so
-    the caller can map it copy-on-write instead of copying its bytes.
+    With ``mapped``, a blob whose fingerprint vouches for it is not read here: it is handed
+    over as ``mapped(name, fd, size)`` (the descriptor is closed after the call), so the
+    caller can map it copy-on-write instead of copying its bytes (or read it, when small).
 
     Returns:
         Fresh fingerprints of the blobs hashed and found intact (keyed by :func:`blob_key`).
@@ -337,22 +338,32 @@ def read_checked(blob_file: Callable[[str], str], manifest: Manifest,
     """
     recorded = recorded or {}
     fresh: dict[str, Any] = {}
+    # This loop runs once per tensor of every load (hundreds): plain descriptors, and error
+    # messages built only when one is raised.
+    flags = os.O_RDONLY | _NOFOLLOW
     for name, sha256, size in manifest_tensors(manifest):
         if not size:
             alloc(name, size)
             continue
-        what = f"the blob of tensor {name}"
-        key = blob_key(sha256)
+        key = "sha256:" + sha256  # blob_key
         checked = now_ns()  # before the fstat: a change after it always counts as racy
-        fd, st = _open_blob(blob_file(sha256), size, what)
         try:
+            fd = os.open(blob_file(sha256), flags)
+        except FileNotFoundError:
+            raise IntegrityError(f"the blob of tensor {name} is missing from the store") \
+                from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != size or not stat.S_ISREG(st.st_mode):
+                raise IntegrityError(f"the blob of tensor {name} is {st.st_size} bytes but "
+                                     f"the manifest records {size}: it is truncated or altered")
             vouched = recorded.get(key)
             trusted = key in fresh or (vouched is not None and vouched.vouches_for(st))
             if trusted and mapped is not None:
                 mapped(name, fd, size)
                 continue
             into = alloc(name, size)
-            _read_fd(fd, size, into, what)
+            read_fd(fd, size, into, f"the blob of tensor {name}")
         finally:
             os.close(fd)
         if trusted:

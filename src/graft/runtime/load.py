@@ -116,6 +116,10 @@ _TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": 
                  "bool": torch.bool}
 
 
+#: Smallest tensor blob that ``graft.load`` maps rather than reads (see ``_read_stored``).
+_MAP_MIN = 64 << 10
+
+
 def _read_stored(store: Any, stored: Any, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Each tensor from its store blob, dtype and shape from the validated manifest; the
     store checks every blob on the way.
@@ -124,10 +128,15 @@ def _read_stored(store: Any, stored: Any, manifest: Manifest) -> dict[str, torch
     bytes are read once). A blob whose recorded fingerprint vouches for it is mapped
     copy-on-write instead: no copy at load, pages shared with the page cache and with other
     processes using the same tensor, and writes (fine-tuning in place) land in private pages,
-    never in the store. Blobs start at offset 0, so every mapping is page-aligned.
+    never in the store. Blobs start at offset 0, so every mapping is page-aligned. Blobs under
+    :data:`_MAP_MIN` bytes are read even when vouched for: a mapping costs a call to make it,
+    one to unmap it and a page fault on first use, more than copying a page or two (most of
+    a CNN's tensors are such: biases, norms, depthwise kernels).
     """
     import mmap
     import sys
+
+    from graft.hub.tensors import read_fd
 
     if sys.byteorder != "little":
         raise FormatError("tensor blobs hold little-endian bytes; this machine is big-endian")
@@ -138,6 +147,11 @@ def _read_stored(store: Any, stored: Any, manifest: Manifest) -> dict[str, torch
         return flats[name].numpy()
 
     def mapped(name: str, fd: int, size: int) -> None:
+        if size < _MAP_MIN:
+            flat = flats[name] = torch.empty(size, dtype=torch.uint8)
+            if os.preadv(fd, [flat.numpy()], 0) != size:  # one call, unless it comes up short
+                read_fd(fd, size, flat.numpy(), f"the blob of tensor {name}")  # from offset 0
+            return
         # The tensor keeps the mapping alive; the mapping outlives the closed descriptor.
         flats[name] = torch.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_COPY),
                                        dtype=torch.uint8)

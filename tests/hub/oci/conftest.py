@@ -17,6 +17,7 @@ import pytest
 
 from graft.format.manifest import FileEntry, Manifest, Parent, TensorEntry
 from graft.format.spec import SignatureSpec
+from graft.hub.store import Store
 from tests.hub.oci.hostile import free_port
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -214,6 +215,15 @@ class Saved:
     parent_manifest: Manifest
     child: Path
     child_manifest: Manifest
+
+
+@pytest.fixture
+def local(tmp_path, saved):
+    """A store holding ``saved``'s parent and child."""
+    store = Store(tmp_path / "local")
+    store.add(saved.parent)
+    store.add(saved.child)
+    return store
 
 
 @pytest.fixture(scope="session")

@@ -34,15 +34,6 @@ def graft_cli(*args: str, home: Path, stdin: str | None = None,
                           text=True, env=full, input=stdin, timeout=300)
 
 
-@pytest.fixture
-def local(tmp_path, saved):
-    """A store holding the parent and the child."""
-    store = Store(tmp_path / "local")
-    store.add(saved.parent)
-    store.add(saved.child)
-    return store
-
-
 def test_round_trip_into_an_empty_store_in_another_process(registry, local, saved, tmp_path):
     parent = push("net@1.0.0", registry.ref("zoo/net"), store=local)
     child = push("net-pets@1.0.0", registry.ref("team/net-pets"), store=local)

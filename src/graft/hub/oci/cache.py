@@ -54,10 +54,13 @@ class BlobCache:
 
     def __init__(self, store_root: Path) -> None:
         self.root = Path(store_root) / "oci-cache"
+        self._made: set[str] = set()
 
     def _dir(self, name: str) -> Path:
         path = self.root / name
-        path.mkdir(parents=True, exist_ok=True)
+        if name not in self._made:  # once per cache, not once per blob
+            path.mkdir(parents=True, exist_ok=True)
+            self._made.add(name)
         return path
 
     def blob(self, hexdigest: str) -> Path:
@@ -71,8 +74,13 @@ class BlobCache:
     @contextlib.contextmanager
     def locked(self, hexdigest: str) -> Iterator[None]:
         """Hold the download of one blob (two pulls never write one partial file)."""
-        with FileLock(str(self._dir("partial") / f"{hexdigest}.lock"), timeout=600):
+        from graft.hub import staging
+
+        fd = staging.hold(self._dir("partial") / f"{hexdigest}.lock")  # flock: no polling
+        try:
             yield
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def transfer(self) -> Iterator[None]:

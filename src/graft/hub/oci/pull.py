@@ -6,9 +6,10 @@ as a Graft artifact; the config blob, which must be a valid, canonical ``graft.j
 digest is what the manifest says; the layers checked against that ``graft.json``; then only
 the blobs the store lacks (a tensor is found by its digest among the store's tensor blobs,
 then in the weights of older stored trees, a child's parents first), downloaded in parallel
-and each verified before use; the module directory is
-assembled in a staging folder of the store and added with ``Store.add``, which re-checks every
-byte, so a module becomes visible only when all of it is there.
+and each verified before use; then ``Store.add_blobs`` links the downloads into the store
+(they are its blobs: each byte is written once), checks every byte and program as
+``Store.add`` does, and indexes the module last, so it becomes visible only when all of it
+is there.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from graft.hub.oci.artifact import (
     MANIFEST_TYPE,
     MAX_HEADER,
     MAX_MANIFEST,
+    WEIGHTS,
     Descriptor,
     Plan,
     parse_header,
@@ -39,9 +41,6 @@ from graft.hub.oci.reference import Reference, parse_reference
 from graft.hub.oci.transfer import download
 
 __all__ = ["fetch_manifest", "pull"]
-
-_COPY = 1 << 20
-
 
 def pull(reference: str | Reference, *, store: Any = None, progress: bool | None = None,
          workers: int = 8, client: RegistryClient | None = None) -> Any:
@@ -92,8 +91,7 @@ def _pull(store: Any, cache: BlobCache, client: RegistryClient, ref: Reference,
     if stored is None:
         config = _small_blob(client, ref, plan.config, cache)
         manifest = _module_manifest(config, plan, ref)
-        stored = _assemble(store, cache, client, ref, plan, manifest, config, progress,
-                           workers)
+        stored = _assemble(store, cache, client, ref, plan, manifest, progress, workers)
     cache.remember(registry=ref.registry, repository=ref.repository, tag=ref.tag,
                    manifest_digest=digest, manifest_size=len(data),
                    module_digest=module_digest)
@@ -174,80 +172,80 @@ def _module_manifest(config: bytes, plan: Plan, ref: Reference) -> Manifest:
 
 
 def _assemble(store: Any, cache: BlobCache, client: RegistryClient, ref: Reference, plan: Plan,
-              manifest: Manifest, config: bytes, progress: bool | None, workers: int) -> Any:
-    # Whole files the store already holds (an unchanged reference file, labels, ...).
-    blob_path = getattr(store, "blob_path", None)
-    whole = {rel: blob_path(manifest.files[rel].sha256) for rel in manifest.files
-             if blob_path is not None
-             and _has(blob_path(manifest.files[rel].sha256), manifest.files[rel].size)}
+              manifest: Manifest, progress: bool | None, workers: int) -> Any:
+    """Download the blobs the store lacks and hand them to ``Store.add_blobs``, which links
+    them into place (each byte is written once) and checks the whole module."""
+    from graft.hub.tensorfiles import FileLayout, is_stored_split
+
+    def have(sha: str, size: int) -> bool:
+        return _has(store.blob_path(sha), size)
+
+    # Files kept whole that the store already holds (an unchanged label file, ...); a
+    # constants file is kept whole but sent split.
+    whole = {rel for rel, entry in manifest.files.items()
+             if (rel not in plan.tensor_files or not (rel == WEIGHTS or is_stored_split(rel)))
+             and have(entry.sha256, entry.size)}
     splits = {rel: split for rel, split in plan.tensor_files.items() if rel not in whole}
     # tensors and headers (a child's usually equal its parent's) are blobs of the store too
     wanted = {d.hex for split in splits.values() for d in (split.header,
                                                            *(t for _, t in split.tensors))}
     parents = [f"{p.handle.partition('@')[0]}@{p.digest}" for p in manifest.parents]
-    local = local_tensors(store, wanted, first=parents)
+    sources: dict[str, tuple[Path, int, int]] = dict(local_tensors(store, wanted,
+                                                                   first=parents))
     fetch: dict[str, Descriptor] = {}
     for rel, d in plan.files.items():
         if rel not in whole:
-            fetch.setdefault(d.digest, d)
+            fetch.setdefault(d.hex, d)
     for split in splits.values():
-        if split.header.hex not in local:
-            fetch.setdefault(split.header.digest, split.header)
-        for _, d in split.tensors:
-            if d.hex not in local:
-                fetch.setdefault(d.digest, d)
-    paths = _download_all(client, ref, list(fetch.values()), cache, progress, workers)
-    with store.staging() as stage:
-        tree = stage / "module"
-        tree.mkdir()
-        for rel, entry in manifest.files.items():
-            if rel in whole:
-                _copy_file(whole[rel], Descriptor("", "sha256:" + entry.sha256, entry.size),
-                           tree / rel)
-            elif rel in plan.files:
-                _copy_file(paths[plan.files[rel].digest], plan.files[rel], tree / rel)
-        for rel, split in splits.items():
-            header = _header(client, ref, split.header, paths, local, cache)
-            by_name = dict(split.tensors)
-            layout = parse_header(header, {name: d.size for name, d in split.tensors})
-            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
-            with open(tree / rel, "xb") as out:
-                out.write(header)
-                for name, _, _ in layout:
-                    d = by_name[name]
-                    if d.digest in paths:
-                        _append(out, paths[d.digest], d)
-                    elif not _append_checked(out, *local[d.hex], d):
-                        # the stored copy was damaged: fetch it after all
-                        got = _download_all(client, ref, [d], cache, progress, 1)
-                        _append(out, got[d.digest], d)
-                        paths[d.digest] = got[d.digest]
-        (tree / MANIFEST_NAME).write_bytes(config)
-        stored = store.add(tree)
-    cache.discard(p.name for p in paths.values())
+        for d in (split.header, *(t for _, t in split.tensors)):
+            if d.hex not in sources:
+                fetch.setdefault(d.hex, d)
+    downloaded = _download_all(client, ref, list(fetch.values()), cache, progress, workers)
+    sources.update((d.hex, (downloaded[d.digest], 0, d.size)) for d in fetch.values())
+    blobs = {d.hex: d for d in plan.blobs().values()}
+
+    def fetch_again(missing: list[tuple[str, int]]) -> dict[str, Path]:
+        # a stored copy turned out damaged: download it after all
+        got = _download_all(client, ref, [blobs[sha] for sha, _ in missing], cache, progress,
+                            1)
+        downloaded.update(got)
+        return {d.hex: got[d.digest] for d in (blobs[sha] for sha, _ in missing)}
+
+    layouts = {}
+    for rel, split in splits.items():
+        header = _header(client, ref, split.header, sources, cache, downloaded)
+        by_name = dict(split.tensors)
+        order = parse_header(header, {name: d.size for name, d in split.tensors})
+        layouts[rel] = FileLayout((split.header.hex, split.header.size),
+                                  tuple((name, by_name[name].hex, by_name[name].size)
+                                        for name, _, _ in order))
+    stored = store.add_blobs(manifest, layouts, sources, fetch_again,
+                             fresh={d.hex for d in fetch.values()})
+    cache.discard(p.name for p in downloaded.values())
     if stored.digest != manifest.digest:
         raise IntegrityError(f"pulled {ref} but the store holds {stored.digest}")
     return stored
 
 
-def _header(client: RegistryClient, ref: Reference, d: Descriptor, paths: dict[str, Path],
-            local: dict[str, tuple[Path, int, int]], cache: BlobCache) -> bytes:
-    """A safetensors header's bytes: downloaded, or from the store when it holds them intact
-    (otherwise fetched after all)."""
-    if d.digest not in paths:
-        source, start, end = local[d.hex]
-        data = b""
-        if end - start == d.size <= MAX_HEADER:
-            try:
-                with open(source, "rb") as f:
-                    f.seek(start)
-                    data = f.read(d.size)
-            except OSError:
-                pass
-        if len(data) == d.size and "sha256:" + hashlib.sha256(data).hexdigest() == d.digest:
-            return data
-        paths[d.digest] = download(client, ref.repository, d, cache)
-    return paths[d.digest].read_bytes()
+def _header(client: RegistryClient, ref: Reference, d: Descriptor,
+            sources: dict[str, tuple[Path, int, int]], cache: BlobCache,
+            downloaded: dict[str, Path]) -> bytes:
+    """A safetensors header's bytes, from its source when that holds them intact (otherwise
+    downloaded after all, and added to ``sources`` and ``downloaded``)."""
+    source, start, end = sources[d.hex]
+    data = b""
+    if end - start == d.size <= MAX_HEADER:
+        try:
+            with open(source, "rb") as f:
+                f.seek(start)
+                data = f.read(d.size)
+        except OSError:
+            pass
+    if len(data) != d.size or "sha256:" + hashlib.sha256(data).hexdigest() != d.digest:
+        path = downloaded[d.digest] = download(client, ref.repository, d, cache)
+        sources[d.hex] = (path, 0, d.size)
+        data = path.read_bytes()
+    return data
 
 
 def _download_all(client: RegistryClient, ref: Reference, blobs: list[Descriptor],
@@ -271,54 +269,3 @@ def _has(path: Path, size: int) -> bool:
         return path.stat().st_size == size
     except OSError:
         return False
-
-
-def _copy_file(source: Path, d: Descriptor, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "xb") as out:
-        if not _append_checked(out, source, 0, d.size, d):
-            raise IntegrityError(f"the local copy of {d.digest} at {source} is damaged; run "
-                                 "`graft verify` on the stored modules and try again")
-
-
-def _append(out: Any, source: Path, d: Descriptor) -> None:
-    """Append a blob this pull downloaded and verified (its size is checked again; its
-    bytes are hashed once more by ``Store.add``, with the file they are part of)."""
-    with open(source, "rb") as f:
-        copied = _copy_stream(f, out)
-    if copied != d.size:
-        raise IntegrityError(f"blob {d.digest} changed in the download cache; pull again")
-
-
-def _copy_stream(source: Any, out: Any) -> int:
-    copied = 0
-    while chunk := source.read(_COPY):
-        out.write(chunk)
-        copied += len(chunk)
-    return copied
-
-
-def _append_checked(out: Any, source: Path, start: int, end: int, d: Descriptor) -> bool:
-    """Append bytes ``[start, end)`` of ``source`` to ``out`` if they hash to ``d``; leave
-    ``out`` as it was and return False otherwise."""
-    mark = out.tell()
-    digest = hashlib.sha256()
-    try:
-        with open(source, "rb") as f:
-            f.seek(start)
-            left = end - start
-            while left:
-                chunk = f.read(min(left, _COPY))
-                if not chunk:
-                    break
-                digest.update(chunk)
-                out.write(chunk)
-                left -= len(chunk)
-    except OSError:
-        left = -1
-    if left or "sha256:" + digest.hexdigest() != d.digest:
-        out.truncate(mark)
-        out.seek(mark)
-        return False
-    return True
-

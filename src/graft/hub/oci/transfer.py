@@ -52,9 +52,10 @@ def download(client: RegistryClient, repository: str, blob: Descriptor, cache: B
                     break
                 offset, digest = _fetch(client, repository, blob, out, part, offset, digest,
                                         progress)
-            # No fsync: a blob is re-hashed whenever it is used again, and the module file
-            # the store keeps is fsynced by the store itself.
+            # fsynced here, in the download's own thread, because the store links the file
+            # in as its blob (hub/assemble.py) rather than copying it
             out.flush()
+            os.fsync(out.fileno())
         if offset != blob.size:
             raise RegistryError(f"the registry {client.registry} sent {offset} of the "
                                 f"{blob.size} bytes of blob {blob.digest} in {_ATTEMPTS} "
