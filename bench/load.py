@@ -6,7 +6,8 @@ turns per tree, default 3). Prints medians and minimums measured in one run, on 
 
 1. For the tiny CNN of the tests, EfficientNet-Lite0 and MiniLM, each from a warm store:
    ``graft.load`` (wall clock, and the process's CPU time, which other processes on a busy
-   machine do not inflate), ``graft.load`` + the first call (which reads, validates and
+   machine do not inflate; also back to back, without the full garbage collection that
+   precedes every other sample), ``graft.load`` + the first call (which reads, validates and
    builds the program), and a steady call, for this tree and for ``REV``. ``REV``'s files are unpacked
    with ``git archive`` into a temporary folder and measured by the same code in its own
    process, with its own store.
@@ -34,12 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _samples_ms(fn: Callable[[], object], repeats: int,
-                cpu: list[float] | None = None) -> list[float]:
-    """Wall-clock times (ms) of ``repeats`` calls; with ``cpu``, the process's CPU time of
-    each is appended there (what other processes on the machine do not add to)."""
+                cpu: list[float] | None = None, *, collect: bool = True) -> list[float]:
+    """Wall-clock times (ms) of ``repeats`` calls, each after a full garbage collection
+    unless ``collect`` is false; with ``cpu``, the process's CPU time of each is appended
+    there (what other processes on the machine do not add to)."""
     times = []
     for _ in range(repeats):
-        gc.collect()
+        if collect:
+            gc.collect()
         start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         times.append((time.perf_counter() - start) * 1000)
@@ -116,8 +119,11 @@ def measure(repeats: int) -> dict[str, dict[str, list[float]]]:
         torch.set_num_threads(1)  # a load runs on one thread: its CPU time is its cost
         load_cpu: list[float] = []
         load = _samples_ms(lambda: graft.load(handle), repeats, load_cpu)
+        back_to_back: list[float] = []  # no collection between: caches stay warm
+        _samples_ms(lambda: graft.load(handle), repeats * 4, back_to_back, collect=False)
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         results[label] = {"load": load, "load, CPU time": load_cpu,
+                          "load, CPU, back to back": back_to_back,
                           "first call": _samples_ms(first_call, repeats),
                           "steady call": steady}
     return results
@@ -284,14 +290,15 @@ def _run(args: argparse.Namespace, repeats: int, homes: Path) -> None:
     labels = list(results)
     print(f"graft.load from a warm store, ms over {args.rounds} rounds of {repeats} (steady "
           f"call: {repeats * 3}) per tree, the trees in turns, no grad: median / min")
-    print(f"  {'model / step':<36}" + "".join(f"{label:>20}" for label in labels)
+    print(f"  {'model / step':<42}" + "".join(f"{label:>20}" for label in labels)
           + ("   after/before (median)" if len(labels) == 2 else ""))
     for model in results[labels[-1]]:
-        for step in ("load", "load, CPU time", "first call", "steady call"):
+        for step in ("load", "load, CPU time", "load, CPU, back to back", "first call",
+                     "steady call"):
             values = [results[label][model][step] for label in labels]
             medians = [statistics.median(v) for v in values]
             ratio = f"{medians[1] / medians[0]:15.2f}x" if len(values) == 2 else ""
-            print(f"  {model + ' ' + step:<36}"
+            print(f"  {model + ' ' + step:<42}"
                   + "".join(f"{statistics.median(v):11.1f} /{min(v):6.1f}" for v in values)
                   + ratio)
     os.environ["GRAFT_HOME"] = str(homes / "after")
