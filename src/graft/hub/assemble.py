@@ -96,14 +96,14 @@ def install_blobs(store: Any, manifest: Manifest, layouts: Mapping[str, FileLayo
         link_or_copy(store.blob_path(layouts[WEIGHTS].header[0]), tree / HEADER_LINK)
         tensorfiles.write_record(tree, split)
         manifest.write(tree)
-        checked, fresh = validate_tree(tree, store.blob_file)
+        checked, fingerprints = validate_tree(tree, store.blob_file)
         if checked.digest != manifest.digest:
             raise IntegrityError(f"the blobs of {manifest.name} make up {checked.digest}, not "
                                  f"{manifest.digest}")
         layout = read_layout(tree, manifest)
         stop_point("add.tree-built")
         return commit_tree(store, conn, manifest, tree, work, layout, split,
-                           lambda target: fresh, repairing=repairing)
+                           lambda target: fingerprints, repairing=repairing)
     except BaseException:
         for blob in taker.created:
             blob.unlink(missing_ok=True)
