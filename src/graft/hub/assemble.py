@@ -33,7 +33,7 @@ from graft.hub.blobs import link_or_copy
 from graft.hub.install import commit_tree
 from graft.hub.lookup import hex_of
 from graft.hub.tensorfiles import FileLayout, is_stored_split
-from graft.hub.tensors import HEADER_LINK, WEIGHTS, read_layout, valid_blob
+from graft.hub.tensors import HEADER_LINK, WEIGHTS, copy_hashed, read_layout, valid_blob
 from graft.hub.trees import validate_tree
 
 __all__ = ["Fetch", "Source", "install_blobs"]
@@ -44,7 +44,6 @@ Source = tuple[Path, int, int]
 #: holding each (a pull downloads them).
 Fetch = Callable[[list[tuple[str, int]]], Mapping[str, Path]]
 
-_CHUNK = 4 << 20
 _READ_ONLY = 0o444
 
 
@@ -157,7 +156,7 @@ class _Taker:
         if not linked:
             with open(path, "rb") as src, open(part, "xb") as out:
                 src.seek(start)
-                if _copy(src, out, size, hashlib.sha256()) != size:
+                if copy_hashed(src, out, size, hashlib.sha256()) != size:
                     raise IntegrityError(f"blob sha256:{sha} changed while it was being "
                                          "stored; pull again")
                 out.flush()
@@ -179,7 +178,7 @@ class _Taker:
                 path, start, _ = self._verified(sha, size)
                 with open(path, "rb") as src:
                     src.seek(start)
-                    _copy(src, out, size, whole)
+                    copy_hashed(src, out, size, whole)
             out.flush()
             os.fsync(out.fileno())
         if whole.hexdigest() != sha256:
@@ -227,23 +226,9 @@ def _holds(source: Source, sha: str, size: int) -> bool:
     try:
         with open(path, "rb") as f:
             f.seek(start)
-            return _copy(f, None, size, digest) == size and digest.hexdigest() == sha
+            return copy_hashed(f, None, size, digest) == size and digest.hexdigest() == sha
     except OSError:
         return False
-
-
-def _copy(src: Any, out: Any, size: int, digest: Any) -> int:
-    """Read up to ``size`` bytes of ``src`` into ``digest`` (and ``out``); the bytes read."""
-    left = size
-    while left:
-        chunk = src.read(min(left, _CHUNK))
-        if not chunk:
-            break
-        digest.update(chunk)
-        if out is not None:
-            out.write(chunk)
-        left -= len(chunk)
-    return size - left
 
 
 def _whole_file(path: Path, size: int) -> bool:

@@ -46,7 +46,6 @@ __all__ = ["RECORD", "FileLayout", "check", "is_stored_split", "place", "read_re
 RECORD = ".tensor-files.json"
 _FORMAT = "graft.tensor-files/1"
 _MAX_RECORD = 64 << 20
-_CHUNK = 4 << 20
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -136,16 +135,7 @@ def _place_next(blob_path: Callable[[str], Path], src: Any, size: int, whole: An
     part = work / f"tensor-{uuid.uuid4().hex}.part"
     digest = hashlib.sha256()
     with open(part, "xb") as out:
-        left = size
-        while left > 0:
-            chunk = src.read(min(left, _CHUNK))
-            if not chunk:
-                break
-            digest.update(chunk)
-            whole.update(chunk)
-            out.write(chunk)
-            left -= len(chunk)
-        if left:
+        if tensors.copy_hashed(src, out, size, digest, whole) != size:
             part.unlink()
             raise IntegrityError(f"{rel} was truncated while it was being added; add it again")
         out.flush()

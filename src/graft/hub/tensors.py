@@ -36,7 +36,7 @@ from graft.format.tensorfile import (
 from graft.hub.blobs import open_regular, publish
 
 __all__ = ["HEADER_LINK", "WEIGHTS", "Layout", "blob_key", "check_blobs", "check_header",
-           "hash_blob", "hash_buffer", "is_split", "manifest_tensors", "place_bytes",
+           "copy_hashed", "hash_blob", "hash_buffer", "is_split", "manifest_tensors", "place_bytes",
            "place_weights", "read_checked", "read_exact", "read_fd", "read_layout",
            "read_tensor", "valid_blob", "write_weights"]
 
@@ -240,17 +240,7 @@ def _place_stream(blob: Path, src: BinaryIO, size: int, sha256: str, whole: Any,
     digest = hashlib.sha256()
     out = open(part, "xb") if keep else None
     try:
-        left = size
-        while left > 0:
-            chunk = src.read(min(left, _CHUNK))
-            if not chunk:
-                break
-            digest.update(chunk)
-            whole.update(chunk)
-            if out is not None:
-                out.write(chunk)
-            left -= len(chunk)
-        if left or digest.hexdigest() != sha256:
+        if copy_hashed(src, out, size, digest, whole) != size or digest.hexdigest() != sha256:
             raise IntegrityError(f"a tensor of {WEIGHTS} does not match its sha256 in the "
                                  "manifest, or the file changed while it was being added")
         if out is None:
@@ -265,6 +255,22 @@ def _place_stream(blob: Path, src: BinaryIO, size: int, sha256: str, whole: Any,
     blob.parent.mkdir(parents=True, exist_ok=True)
     publish(part, blob)
     return not existed
+
+
+def copy_hashed(src: BinaryIO, out: BinaryIO | None, size: int, *digests: Any) -> int:
+    """Read up to ``size`` bytes of ``src`` in chunks into every hash of ``digests`` (and
+    into ``out``, unless None). Returns how many bytes there were: fewer when ``src`` ends."""
+    left = size
+    while left > 0:
+        chunk = src.read(min(left, _CHUNK))
+        if not chunk:
+            break
+        for digest in digests:
+            digest.update(chunk)
+        if out is not None:
+            out.write(chunk)
+        left -= len(chunk)
+    return size - left
 
 
 def _open_blob(path: str, size: int, what: str) -> tuple[int, os.stat_result]:
