@@ -11,7 +11,7 @@ in temporary folders, in one run, and prints medians:
 3. store growth for the child (the local store's bytes on disk, hard links counted once);
 4. pull throughput of EfficientNet-Lite0 from the local distribution registry: ``graft pull``
    (into the store, verified, ready to load) vs ``skopeo copy docker://... oci:DIR`` of the
-   same artifact (target >= 1.0x);
+   same artifact (target >= 1.0x), with the CPU time each client and the registry spent;
 5. the per-blob round trip on loopback, the figure that decides whether small tensors need
    grouping into one blob.
 """
@@ -115,18 +115,24 @@ def main() -> None:
               f"{100 * growth / parent_bytes:.1f}% of the parent module [target <= 5%]")
 
         graft_times, skopeo_times = [], []
+        cpu: dict[str, list[float]] = {"graft": [], "skopeo": [], "registry, graft": [],
+                                       "registry, skopeo": []}
         for i in range(args.repeats):
             target = Store(work / f"pull-{i}")
+            before = _cpu(registry.process.pid)
             start = time.perf_counter()
             pull(pushed.reference, store=target, progress=False)
             graft_times.append(time.perf_counter() - start)
+            _account(cpu, "graft", before, _cpu(registry.process.pid))
             layout = work / f"skopeo-{i}"
+            before = _cpu(registry.process.pid)
             start = time.perf_counter()
             subprocess.run([skopeo, "copy", "--quiet", "--src-tls-verify=false",
                             f"docker://{registry.address}/zoo/efficientnet-lite0@"
                             f"{pushed.manifest_digest}", f"oci:{layout}:net"], check=True,
                            capture_output=True)
             skopeo_times.append(time.perf_counter() - start)
+            _account(cpu, "skopeo", before, _cpu(registry.process.pid))
             shutil.rmtree(target.root)
             shutil.rmtree(layout)
         g, s = statistics.median(graft_times), statistics.median(skopeo_times)
@@ -135,6 +141,11 @@ def main() -> None:
               f"({size / g / 1e6:.0f} MB/s), skopeo copy {s * 1000:.0f} ms "
               f"({size / s / 1e6:.0f} MB/s): {s / g:.2f}x [target >= 1.0x] "
               f"(medians of {args.repeats})")
+        if all(cpu.values()):
+            m = {k: statistics.median(v) * 1000 for k, v in cpu.items()}
+            print(f"   CPU time per pull (medians): graft {m['graft']:.0f} ms with the registry "
+                  f"{m['registry, graft']:.0f} ms; skopeo {m['skopeo']:.0f} ms with the "
+                  f"registry {m['registry, skopeo']:.0f} ms (on {os.cpu_count()} cores)")
 
         with RegistryClient(registry.address) as client:
             digests = [d for d in manifest.tensors.values()]
@@ -152,6 +163,30 @@ def main() -> None:
     finally:
         registry.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _cpu(pid: int) -> tuple[float, float, float] | None:
+    """CPU seconds so far of this process (all threads), of its waited-for children, and of
+    the process ``pid`` (from /proc; None where there is none)."""
+    import resource
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                          resource.RUSAGE_CHILDREN))
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime,
+            (int(fields[11]) + int(fields[12])) / ticks)
+
+
+def _account(cpu: dict[str, list[float]], who: str, before, after) -> None:
+    """Record a contender's CPU time and the registry's while it pulled."""
+    if before is None or after is None:
+        return
+    cpu[who].append(after[0] - before[0] if who == "graft" else after[1] - before[1])
+    cpu[f"registry, {who}"].append(after[2] - before[2])
 
 
 def pushed_size(pushed, fallback: int) -> int:
