@@ -9,8 +9,8 @@ reader ignores can change what another reader sees under the same digest.
 from __future__ import annotations
 
 import re
-from pathlib import PurePosixPath
-from typing import Any, Collection, Mapping
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from graft.errors import FormatError, UnsafeContentError
 from graft.format.limits import MAX_NAME_CHARS, MAX_PATH_CHARS, MAX_TEXT_CHARS
@@ -25,12 +25,18 @@ _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+=,-]*", re.ASCII)
 
 def expect_object(value: Any, what: str, *, required: Collection[str] = (),
                   optional: Collection[str] = ()) -> Mapping[str, Any]:
-    """``value`` as a JSON object with all ``required`` keys and no key outside both sets."""
-    if not isinstance(value, Mapping):
+    """``value`` as a JSON object with all ``required`` keys (each named once) and no key
+    outside both sets."""
+    # type() first: isinstance against an abstract class is slow, and a manifest has an
+    # object per tensor
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise FormatError(f"{what} must be a JSON object, got {_show(value)}")
-    missing = [k for k in required if k not in value]
-    if missing:
-        raise FormatError(f"{what} is missing {sorted(missing)}")
+    for key in required:
+        if key not in value:
+            missing = sorted(k for k in required if k not in value)
+            raise FormatError(f"{what} is missing {missing}")
+    if len(value) == len(required):
+        return value  # exactly the required keys (``required`` names each once)
     unknown = sorted(set(value) - set(required) - set(optional))
     if unknown:
         raise FormatError(f"{what} has unknown keys {[_show(k) for k in unknown[:5]]}; it "
@@ -95,9 +101,9 @@ def check_relative_path(rel: Any) -> str:
     """
     if not isinstance(rel, str):
         raise FormatError(f"a path in the module must be a string, got {_show(rel)}")
-    pure = PurePosixPath(rel)
-    if (not rel or len(rel) > MAX_PATH_CHARS or pure.is_absolute() or ".." in pure.parts
-            or rel != str(pure) or not all(_COMPONENT.fullmatch(p) for p in rel.split("/"))):
+    # Every component must match _COMPONENT, which cannot be empty, "." or "..": that alone
+    # refuses absolute paths, "a//b", "a/./b", a trailing "/" and every escape.
+    if len(rel) > MAX_PATH_CHARS or not all(_COMPONENT.fullmatch(p) for p in rel.split("/")):
         raise UnsafeContentError(f"path {_show(rel)} in the module escapes the module folder or "
                                  "is not a plain relative POSIX path (ASCII letters, digits and "
                                  "._@+=,- in each part, at most "

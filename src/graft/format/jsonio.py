@@ -78,18 +78,27 @@ def _float(text: str) -> float:
 # A JSON string, written as an unrolled loop (runs of plain characters, then one escape):
 # several times faster than an alternation tried at every character.
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+# What bytes.translate deletes to leave only the structure
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_NOT_BRACKETS_OR_QUOTES = bytes(sorted(set(range(256)) - set(b'[]{}"')))
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
 
 
 def _too_deep(data: bytes) -> bool:
-    """Whether brackets outside strings nest deeper than ``MAX_JSON_DEPTH``, at regex speed.
+    """Whether brackets outside strings nest deeper than ``MAX_JSON_DEPTH``, at C speed.
 
     Each pass removes the innermost empty pairs, so balanced brackets of depth ``d`` vanish
     in ``d`` passes. Unbalanced ones stop shrinking and are left to the parser to refuse.
     """
-    brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b"", data))
+    if b"\\" in data:
+        brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    else:
+        # Without escapes every quote delimits a string: keep only brackets and quotes, then
+        # every other piece between quotes is outside strings. C-speed, where the regex over
+        # each string took a third of reading a 70 KB graft.json.
+        skeleton = data.translate(None, _NOT_BRACKETS_OR_QUOTES)
+        brackets = b"".join(skeleton.split(b'"')[::2])
     for _ in range(MAX_JSON_DEPTH):
         reduced = _EMPTY_PAIR.sub(b"", brackets)
         if not reduced or len(reduced) == len(brackets):
