@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -145,6 +146,33 @@ def test_tensors_built_from_blobs_equal_the_file_s(store: Store, tmp_path: Path)
     # and end to end: the stored module computes what the directory does, bit for bit
     x = torch.randn(3, 4)
     assert torch.equal(graft.load("odd", store=store)(x), graft.load(tmp_path / "odd")(x))
+
+
+def test_the_loader_builds_every_dtype_shape_and_scalar_from_blobs(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``graft.load`` reads each blob straight into a tensor of its own dtype and shape:
+    bfloat16 (which numpy lacks), a scalar, an empty tensor, bools; both when it hashes the
+    blob (first load) and when the fingerprint vouches for it (later loads)."""
+    from graft.hub import index, tensors
+
+    _odd_module(tmp_path / "odd")
+    store.add(tmp_path / "odd")
+    reference = load_file(str(tmp_path / "odd" / WEIGHTS))
+    # Fingerprints taken from now on count as taken long after the blobs last changed.
+    monkeypatch.setattr(index, "now_ns", lambda: time.time_ns() + 2 * index.RACY_NS)
+    hashed: list[int] = []
+    real_hash = tensors.hash_buffer
+    monkeypatch.setattr(tensors, "hash_buffer", lambda view: hashed.append(1) or real_hash(view))
+    for when in ("hashed", "vouched"):
+        hashed.clear()
+        loaded = dict(graft.load("odd", store=store).weights.state_dict())
+        assert bool(hashed) == (when == "hashed"), when
+        assert set(loaded) == set(reference), when
+        for name, tensor in reference.items():
+            got = loaded[name]
+            assert (got.dtype, got.shape) == (tensor.dtype, tensor.shape), (when, name)
+            assert torch.equal(got, tensor) and got.is_contiguous(), (when, name)
+        assert loaded["twin_a"].data_ptr() != loaded["twin_b"].data_ptr()
 
 
 def test_a_manifest_whose_tensor_digest_is_wrong_is_refused_at_add(

@@ -32,18 +32,19 @@ _CHUNK = 4 << 20
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 
 
-def open_regular(root: Path, rel: str) -> BinaryIO:
+def open_regular(root: Path, rel: str, *, resolved: bool = False) -> BinaryIO:
     """Open the module file ``rel`` under ``root`` for reading, refusing anything but a
     regular file reached without links (``graft.format.files.open_regular``: ``O_NOFOLLOW |
     O_NONBLOCK``, then ``fstat`` of what was opened, so a FIFO never blocks and what is
-    checked is what is read).
+    checked is what is read). ``resolved``: ``root`` is already ``Path.resolve()``'s answer
+    (a caller opening many files of one tree resolves it once).
 
     Raises:
         UnsafeContentError: a component is a link, or the file is not a regular file.
         IntegrityError: the file is missing.
     """
     try:
-        return files.open_regular(resolve_inside(root.resolve(), rel),
+        return files.open_regular(resolve_inside(root if resolved else root.resolve(), rel),
                                   what=f"module file {rel!r}")
     except FileNotFoundError:
         raise IntegrityError(f"the module is missing {rel}; re-export or re-fetch it") from None

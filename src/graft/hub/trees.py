@@ -69,7 +69,8 @@ def check_tree(tree: Path, digest: str, recorded: dict[str, Fingerprint], *,
     Raises:
         IntegrityError, FormatError, UnsafeContentError, ModuleNotFound: the tree is damaged.
     """
-    open_regular(tree, MANIFEST_NAME).close()  # a FIFO here must not block the reader
+    tree = tree.resolve()  # once: every file below is opened under it
+    open_regular(tree, MANIFEST_NAME, resolved=True).close()  # a FIFO must not block a read
     manifest = Manifest.read(tree)
     if manifest.digest != digest:
         raise IntegrityError(f"its {MANIFEST_NAME} has digest {manifest.digest}, but the store "
@@ -110,7 +111,7 @@ def check_tree(tree: Path, digest: str, recorded: dict[str, Fingerprint], *,
         if (split and rel == tensors.WEIGHTS) or rel in split_files:
             continue
         checked = now_ns()  # before fstat: a change after it then always counts as racy
-        with open_regular(tree, rel) as f:
+        with open_regular(tree, rel, resolved=True) as f:
             st = os.fstat(f.fileno())
             if st.st_size != entry.size:
                 raise IntegrityError(f"{rel} is {st.st_size} bytes but the manifest records "

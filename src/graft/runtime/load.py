@@ -80,7 +80,8 @@ def load(handle: str | os.PathLike[str], *, trainable: bool | None = None,
         # each tensor gets its own allocation, as the source model's had: bit-exact with
         # eager, not just close.
         tensors = {k: v.clone() for k, v in tensors.items()}
-    _check_tensors(manifest, tensors)
+        # (tensors read from store blobs are built from the manifest's dtypes and shapes)
+        _check_tensors(manifest, tensors)
     # A store tree keeps weights and reference files as blobs: `module.directory` writes
     # the module directory out when a tool first asks for it.
     on_demand = (store or Store()).files_on_demand(stored) if parsed.kind == "store" else None
@@ -140,25 +141,37 @@ def _read_stored(store: Any, stored: Any, manifest: Manifest) -> dict[str, torch
 
     if sys.byteorder != "little":
         raise FormatError("tensor blobs hold little-endian bytes; this machine is big-endian")
-    flats: dict[str, torch.Tensor] = {}
+    entries = manifest.tensors
+    out: dict[str, torch.Tensor] = {}
 
+    # Each tensor is allocated in its own dtype and shape and read straight into: no views
+    # to make afterwards (hundreds per load).
     def alloc(name: str, size: int) -> Any:
-        flats[name] = torch.empty(size, dtype=torch.uint8)
-        return flats[name].numpy()
+        entry = entries[name]
+        tensor = out[name] = torch.empty(entry.shape, dtype=_TORCH_DTYPES[entry.dtype])
+        return _writable(tensor)
 
     def mapped(name: str, fd: int, size: int) -> None:
         if size < _MAP_MIN:
-            flat = flats[name] = torch.empty(size, dtype=torch.uint8)
-            if os.preadv(fd, [flat.numpy()], 0) != size:  # one call, unless it comes up short
-                read_fd(fd, size, flat.numpy(), f"the blob of tensor {name}")  # from offset 0
+            into = alloc(name, size)
+            if os.preadv(fd, [into], 0) != size:  # one call, unless it comes up short
+                read_fd(fd, size, into, f"the blob of tensor {name}")  # from offset 0
             return
         # The tensor keeps the mapping alive; the mapping outlives the closed descriptor.
-        flats[name] = torch.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_COPY),
-                                       dtype=torch.uint8)
+        entry = entries[name]
+        out[name] = torch.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_COPY),
+                                     dtype=_TORCH_DTYPES[entry.dtype]).view(entry.shape)
 
     store.read_tensors(stored, manifest, alloc, mapped)
-    return {name: flats[name].view(_TORCH_DTYPES[entry.dtype]).view(entry.shape)
-            for name, entry in manifest.tensors.items()}
+    return out
+
+
+def _writable(tensor: torch.Tensor) -> Any:
+    """A writable buffer over a new contiguous tensor's bytes (numpy has no bfloat16: that
+    one is seen as bytes)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(-1).view(torch.uint8).numpy()
+    return tensor.numpy()
 
 
 def _read_blobs(manifest: Manifest, blobs: dict[str, str]) -> dict[str, torch.Tensor]:
