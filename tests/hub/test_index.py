@@ -13,6 +13,7 @@ from typing import Callable
 import pytest
 
 from graft.errors import IntegrityError, ModuleNotFound, StoreError
+from graft.hub import index
 from graft.hub.store import Store
 from tests.hub.conftest import random_bytes
 from tests.hub.test_store import (
@@ -73,6 +74,9 @@ def test_a_corrupt_index_is_set_aside_and_rebuilt(store: Store,
         if damage == "tables dropped":
             conn.execute("DROP TABLE files")
             conn.commit()
+            # into the main file too (a reader this process keeps open means this close is
+            # not the last one, which would checkpoint)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     if damage == "garbage":
         path.write_bytes(os.urandom(8192))
     elif damage == "truncated":
@@ -140,7 +144,7 @@ def test_an_old_index_is_migrated(store: Store, make_module: Callable[..., Path]
     assert store.list() == before  # same rows, created times included: migrated, not rebuilt
     assert_consistent(store)
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == index.SCHEMA_VERSION == 5
     # the old index has no tensor rows for these trees, yet gc keeps their tensor blobs
     blobs = blob_names(store)
     assert store.gc().blobs_removed == 0
@@ -191,3 +195,45 @@ def test_rebuild_index_on_request(store: Store, make_module: Callable[..., Path]
     with closing(sqlite3.connect(store.root / "index.sqlite")) as conn:
         assert json.loads(conn.execute("SELECT parents FROM modules LIMIT 1").fetchone()[0]) \
             == []
+
+
+def test_a_thread_keeps_one_read_connection_until_the_index_is_another_file(
+        store: Store, make_module: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """hub/readers.py: reads reuse one read-only connection per thread; a rebuilt index
+    (another file), another thread and a forked child each get their own."""
+    import threading
+
+    from graft.hub import readers
+
+    store.add(make_module("tiny"))
+    opened: list[int] = []
+    real = index.reader
+
+    def counting(path: Path, **kwargs: object) -> sqlite3.Connection:
+        if kwargs.get("read_only"):
+            opened.append(os.getpid())
+        return real(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(index, "reader", counting)
+    readers.drop()
+    for _ in range(3):
+        store.resolve("tiny")
+    assert len(opened) == 1
+    store.rebuild_index()  # the old file is set aside, a new one written
+    store.resolve("tiny")
+    assert len(opened) == 2
+    worker = threading.Thread(target=store.resolve, args=("tiny",))
+    worker.start()
+    worker.join()
+    assert len(opened) == 3
+    pid = os.fork()
+    if pid == 0:  # the child must open its own, and leave the parent's alone
+        try:
+            store.resolve("tiny")
+            os._exit(0 if opened[-1] == os.getpid() else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.resolve("tiny")
+    assert len(opened) == 3  # the parent's connection still serves it

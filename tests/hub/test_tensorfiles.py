@@ -19,7 +19,7 @@ import pytest
 
 from graft.errors import IntegrityError
 from graft.format.manifest import Manifest, Parent
-from graft.hub import tensorfiles
+from graft.hub import index, tensorfiles
 from graft.hub.store import Store
 from tests.hub.test_store import assert_consistent, assert_no_leftovers, blob, blob_names, tamper
 from tests.hub.conftest import WEIGHTS, weights_bytes
@@ -223,12 +223,13 @@ def test_a_store_written_before_reference_files_were_split(
     os.link(whole, old.path / REF)
     (old.path / tensorfiles.RECORD).unlink()
     with closing(sqlite3.connect(store.root / "index.sqlite")) as conn:
-        conn.executescript("DROP TABLE file_blobs; PRAGMA user_version = 3;")
+        conn.executescript("DROP TABLE file_blobs; DROP TABLE module_checks; "
+                           "PRAGMA user_version = 3;")
     split_only = {sha for sha, _ in layout.blobs()}
 
     assert [m.digest for m in store.list()] == [old.digest]
     with closing(sqlite3.connect(store.root / "index.sqlite")) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == index.SCHEMA_VERSION
     assert_consistent(store)
     report = store.gc()
     assert report.blobs_removed == len(split_only)  # the split blobs no tree names

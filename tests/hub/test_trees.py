@@ -4,6 +4,8 @@ weights unless their fingerprint vouches for them; any edit of a stored file is 
 from __future__ import annotations
 
 import os
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -150,3 +152,63 @@ def test_tensors_shared_with_a_sibling_are_hashed_once_for_both(
         assert sorted(hashed) == ["forward.eval.json", "labels.txt"]  # tensors trusted
     assert tensor_blobs(store, "a") == tensor_blobs(store, "b")
     assert_consistent(store)
+
+
+def _index_sql(store: Store, sql: str) -> list[Any]:
+    with closing(sqlite3.connect(store.root / "index.sqlite")) as conn:
+        rows = conn.execute(sql).fetchall()
+        conn.commit()
+    return rows
+
+
+def test_a_module_s_blob_fingerprints_are_read_from_its_packed_row(
+        store: Store, make_module: Callable[..., Path], trusted_clock: None,
+        hashed: list[str]) -> None:
+    # One row per module (index table module_checks) holds its blobs' fingerprints: a load
+    # reads it instead of a row per tensor. It is a cache of blob_checks, so without that
+    # table the packed row alone must vouch; a row that is not well formed vouches for
+    # nothing, and is written again.
+    store.add(make_module("tiny"))
+    store.open("tiny")  # hashes the tensors, records their fingerprints, packs them
+    ((checks,),) = _index_sql(store, "SELECT checks FROM module_checks")
+    assert len(checks) == 72 * len(tensor_blobs(store, "tiny"))  # sha256 and five integers
+    _index_sql(store, "DELETE FROM blob_checks")
+    hashed.clear()
+    store.open("tiny")
+    assert sorted(hashed) == ["forward.eval.json", "labels.txt"]  # the packed row vouched
+    _index_sql(store, "UPDATE module_checks SET checks = x'00'")
+    hashed.clear()
+    store.open("tiny")
+    assert set(tensor_blobs(store, "tiny")) <= set(hashed)  # not trusted: hashed again
+    hashed.clear()
+    store.open("tiny")
+    assert sorted(hashed) == ["forward.eval.json", "labels.txt"]  # and packed again
+    store.remove("tiny")
+    assert _index_sql(store, "SELECT module FROM module_checks") == []
+
+
+def test_the_loader_trusts_the_packed_row_and_still_catches_an_edit(
+        store: Store, make_module: Callable[..., Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through ``graft.load``, which checks each tensor blob as it reads it."""
+    import graft
+    from graft.hub import index
+
+    stored = store.add(make_module("tiny"))
+    real = index.now_ns
+    monkeypatch.setattr(index, "now_ns", lambda: real() + 10 * RACY_NS)
+    counted: list[int] = []
+    real_hash = tensors.hash_buffer
+    monkeypatch.setattr(tensors, "hash_buffer", lambda view: counted.append(1) or real_hash(view))
+    graft.load("tiny", store=store)
+    assert len(counted) == len(tensor_blobs(store, "tiny"))  # first load: every blob hashed
+    _index_sql(store, "DELETE FROM blob_checks")
+    for _ in range(2):
+        counted.clear()
+        graft.load("tiny", store=store)
+        assert counted == []  # the packed row vouched for every blob
+    path = store.blob_path(stored.manifest().tensors["extra"].sha256)
+    wait_for_a_new_timestamp(tmp_path / "scratch", path.stat().st_ctime_ns)
+    tamper(path, flip_byte)  # same inode and size; its ctime moves, so the row cannot vouch
+    with pytest.raises(IntegrityError, match="tensor extra does not match its sha256"):
+        graft.load("tiny", store=store)

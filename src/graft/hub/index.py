@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import struct
 import time
 from contextlib import closing
 from pathlib import Path
@@ -29,7 +30,7 @@ __all__ = ["Fingerprint", "RACY_NS", "SCHEMA_VERSION", "conflict_message", "conn
            "record_fingerprints", "record_split", "referenced_blobs", "removed_digests",
            "set_aside", "without_file_rows", "without_tensor_rows"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT = 60.0  # seconds SQLite waits on a busy database
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS modules (
@@ -96,6 +97,15 @@ CREATE TABLE IF NOT EXISTS file_blobs (
 );
 CREATE INDEX IF NOT EXISTS file_blobs_by_sha256 ON file_blobs (sha256);
 """
+# Version 5: each module's blob fingerprints packed into one row, read by every load instead
+# of hundreds of ``blob_checks`` rows (one per tensor). A cache of ``blob_checks`` for one
+# module; a stale entry never vouches for a changed blob (its stat differs) and costs a hash.
+_MIGRATE_TO_5 = """
+CREATE TABLE IF NOT EXISTS module_checks (
+    module TEXT PRIMARY KEY,    -- modules.digest
+    checks BLOB NOT NULL        -- _PACKED records: sha256 (32 bytes) and a Fingerprint
+);
+"""
 # A timestamp only proves "unchanged since" once the clock has moved past the file system's
 # timestamp granularity (2 s on the coarsest, FAT); a write in the same tick as the hash
 # would otherwise keep the fingerprint (the "racy clean" problem git's index also has).
@@ -132,14 +142,17 @@ def is_corruption(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.DatabaseError)  # "file is not a database", "malformed"
 
 
-def reader(path: Path, *, timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
-    """Open an existing index for reading (and small fingerprint updates); creates nothing.
+def reader(path: Path, *, timeout: float = BUSY_TIMEOUT,
+           read_only: bool = False) -> sqlite3.Connection:
+    """Open an existing index for reading (and small fingerprint updates, unless
+    ``read_only``: such a connection never writes the file, not even a checkpoint when it
+    closes); creates nothing.
 
     Raises:
         sqlite3.Error: the file cannot be opened or is not an index of this schema.
     """
-    conn = sqlite3.connect(path.as_uri() + "?mode=rw", uri=True, timeout=timeout,
-                           isolation_level=None)
+    conn = sqlite3.connect(path.as_uri() + ("?mode=ro" if read_only else "?mode=rw"),
+                           uri=True, timeout=timeout, isolation_level=None)
     conn.row_factory = sqlite3.Row
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -160,7 +173,8 @@ def reader(path: Path, *, timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
 def _require_tables(conn: sqlite3.Connection) -> None:
     """Refuse an index that lost a table (a damaged or hand-edited file)."""
     found = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    missing = {"modules", "files", "removed", "tensors", "blob_checks", "file_blobs"} - found
+    missing = {"modules", "files", "removed", "tensors", "blob_checks", "file_blobs",
+               "module_checks"} - found
     if missing:
         raise sqlite3.DatabaseError(f"database disk image is malformed (no table "
                                     f"{', '.join(sorted(missing))})")
@@ -191,6 +205,8 @@ def connect(path: Path) -> sqlite3.Connection:
             conn.executescript(_MIGRATE_TO_3)
         if version < 4:
             conn.executescript(_MIGRATE_TO_4)
+        if version < 5:
+            conn.executescript(_MIGRATE_TO_5)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
@@ -245,6 +261,7 @@ def insert_module(conn: sqlite3.Connection, manifest: Manifest, created: str,
                        else (None, None, None, None))))
     conn.executemany("INSERT INTO files (module, path, sha256, size, mtime_ns, ctime_ns, inode, "
                      "checked_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.execute("DELETE FROM module_checks WHERE module = ?", (manifest.digest,))  # stale
     conn.execute("DELETE FROM removed WHERE digest = ?", (manifest.digest,))
 
 
@@ -263,28 +280,57 @@ def delete_module(conn: sqlite3.Connection, digest: str, removed: str) -> None:
     conn.execute("DELETE FROM files WHERE module = ?", (digest,))
     conn.execute("DELETE FROM tensors WHERE module = ?", (digest,))
     conn.execute("DELETE FROM file_blobs WHERE module = ?", (digest,))
+    conn.execute("DELETE FROM module_checks WHERE module = ?", (digest,))
     conn.execute("DELETE FROM modules WHERE digest = ?", (digest,))
     conn.execute("INSERT OR REPLACE INTO removed (digest, removed) VALUES (?, ?)",
                  (digest, removed))
 
 
-def fingerprints(query: Callable[..., list[Any]], digest: str) -> dict[str, Fingerprint]:
+def fingerprints(query: Callable[..., list[Any]], digest: str
+                 ) -> tuple[dict[str, Fingerprint], bool]:
     """The recorded fingerprint of each file of a module that has one (``query`` runs SQL on
-    an open index)."""
+    an open index), and whether its blobs' came from the module's packed row.
+
+    Tensor blobs are keyed ``'sha256:<hex>'`` (tensors.blob_key; never a module path). They
+    are read from the module's ``module_checks`` row, one row however many tensors; without
+    one (a module not loaded since it was added, an index rebuilt), from ``blob_checks``,
+    where a blob shared with a parent already has the fingerprint the parent's loads took.
+    """
     found = {row["path"]: Fingerprint(row["size"], row["mtime_ns"], row["ctime_ns"],
                                       row["inode"], row["checked_ns"])
              for row in query("SELECT path, size, mtime_ns, ctime_ns, inode, checked_ns "
                               "FROM files WHERE module = ? AND checked_ns IS NOT NULL",
                               (digest,))}
-    # tensor blobs, keyed 'sha256:<hex>' (tensors.blob_key; never a module path); hundreds
-    # of rows on every load, so read by position
+    rows = query("SELECT checks FROM module_checks WHERE module = ?", (digest,))
+    packed = _unpack(rows[0][0]) if rows else None
+    if packed is not None:
+        found.update(packed)
+        return found, True
+    # hundreds of rows: read by position
     found.update({"sha256:" + row[0]: Fingerprint(*row[1:])
                   for row in query("SELECT sha256, size, mtime_ns, ctime_ns, inode, checked_ns "
                                    "FROM blob_checks WHERE sha256 IN "
                                    "(SELECT sha256 FROM tensors WHERE module = ? UNION "
                                    "SELECT sha256 FROM file_blobs WHERE module = ?)",
                                    (digest, digest))})
-    return found
+    return found, False
+
+
+#: One packed fingerprint: the blob's sha256 (raw), size, mtime_ns, ctime_ns, inode, checked_ns.
+_PACKED = struct.Struct("<32sQqqQq")
+
+
+def _pack(found: Mapping[str, Fingerprint]) -> bytes:
+    return b"".join(_PACKED.pack(bytes.fromhex(key[7:]), *f) for key, f in found.items()
+                    if key.startswith("sha256:"))
+
+
+def _unpack(data: Any) -> dict[str, Fingerprint] | None:
+    """A packed row's fingerprints; None for a row that is not what :func:`_pack` writes."""
+    if not isinstance(data, bytes) or len(data) % _PACKED.size:
+        return None
+    return {"sha256:" + record[0].hex(): Fingerprint(*record[1:])
+            for record in _PACKED.iter_unpack(data)}
 
 
 def header_of(query: Callable[..., list[Any]], digest: str) -> str | None:
@@ -300,10 +346,12 @@ def _record_blobs(conn: sqlite3.Connection, found: Mapping[str, Fingerprint]) ->
                        f.checked_ns) for key, f in found.items() if key.startswith("sha256:")])
 
 
-def record_fingerprints(path: Path, digest: str, found: dict[str, Fingerprint]) -> None:
+def record_fingerprints(path: Path, digest: str, found: dict[str, Fingerprint], *,
+                        pack: Mapping[str, Fingerprint] | None = None) -> None:
     """Best effort: remember files just hashed and found intact, so later loads can trust
-    their metadata. A read-only or busy index is left as it is (the next load hashes again)."""
-    if not found:
+    their metadata, and with ``pack``, replace the module's packed row with those blob
+    fingerprints. A read-only or busy index is left as it is (the next load hashes again)."""
+    if not found and pack is None:
         return
     try:
         with closing(reader(path, timeout=1.0)) as conn:
@@ -316,7 +364,11 @@ def record_fingerprints(path: Path, digest: str, found: dict[str, Fingerprint]) 
                                  "size = ?",
                                  [(f.mtime_ns, f.ctime_ns, f.inode, f.checked_ns, digest, rel,
                                    f.size) for rel, f in found.items()])
-    except sqlite3.Error:
+                if pack is not None and conn.execute("SELECT 1 FROM modules WHERE digest = ?",
+                                                     (digest,)).fetchone():
+                    conn.execute("INSERT OR REPLACE INTO module_checks (module, checks) "
+                                 "VALUES (?, ?)", (digest, _pack(pack)))
+    except (sqlite3.Error, struct.error, ValueError):
         pass
 
 
@@ -350,9 +402,11 @@ def without_file_rows(conn: sqlite3.Connection) -> list[str]:
 
 
 def forget_blob_checks(conn: sqlite3.Connection) -> None:
-    """Drop the fingerprints of blobs that no module references any more."""
+    """Drop the fingerprints of blobs that no module references any more, and the packed
+    rows of modules no longer indexed."""
     conn.execute("DELETE FROM blob_checks WHERE sha256 NOT IN (SELECT sha256 FROM tensors "
                  "UNION SELECT sha256 FROM file_blobs)")
+    conn.execute("DELETE FROM module_checks WHERE module NOT IN (SELECT digest FROM modules)")
 
 
 def conflict_message(manifest: Manifest, stored_digest: str) -> str:

@@ -248,15 +248,16 @@ class Store(StoreRoot):
             reading_tensors: The caller reads every tensor next with :meth:`read_tensors`,
                 which checks each blob on the descriptor it reads (one pass, not two).
         """
-        stored, recorded, header = self._find_with_fingerprints(store_handle(handle, "resolve"))
+        stored, recorded, packed, header = self._find_with_fingerprints(
+            store_handle(handle, "resolve"))
         stop_point("store.found")
         lease = leases.take(self._leases / hex_of(stored.digest))
         defer = reading_tensors and header is not None and is_split(stored.path)
-        manifest = self._check(stored, level="read", recorded=recorded, header=header,
-                               defer=defer)
+        manifest, hashed = self._check(stored, level="read", recorded=recorded, header=header,
+                                       defer=defer, packed=packed)
         stop_point("store.opened")
-        return dataclasses.replace(stored, lease=lease,
-                                   deferred=recorded if defer else None), manifest
+        return dataclasses.replace(stored, lease=lease, deferred=recorded if defer else None,
+                                   repack=defer and (hashed or not packed)), manifest
 
     def read_tensors(self, stored: StoredModule, manifest: Manifest,
                      alloc: Callable[[str, int], Any],
@@ -273,14 +274,17 @@ class Store(StoreRoot):
         from graft.hub.tensors import read_checked
 
         try:
-            fresh = read_checked(self.blob_file, manifest, stored.deferred, alloc, now_ns,
+            recorded = stored.deferred if stored.deferred is not None else {}
+            fresh = read_checked(self.blob_file, manifest, recorded, alloc, now_ns,
                                  Fingerprint, mapped)
         except IntegrityError as exc:
             raise IntegrityError(f"stored module {stored.handle} ({stored.digest}) is damaged: "
                                  f"{exc}. Run `graft verify {stored.handle}` for a full check, "
                                  "and add the module again from its source to repair it") \
                 from None
-        index.record_fingerprints(self._index, stored.digest, fresh)
+        recorded.update(fresh)
+        index.record_fingerprints(self._index, stored.digest, fresh,
+                                  pack=recorded if fresh or stored.repack else None)
 
     def verify(self, handle: str | Handle) -> StoredModule:
         """Like :meth:`resolve`, but hash every file against the manifest.
@@ -290,7 +294,7 @@ class Store(StoreRoot):
             IntegrityError: a stored file was altered, truncated or lost.
         """
         stored = self._find(store_handle(handle, "verify"))
-        self._check(stored, level="full", recorded={})
+        self._check(stored, level="full", recorded={}, packed=False)
         return stored
 
     def tensor_blobs(self, stored: StoredModule, manifest: Manifest
@@ -412,13 +416,14 @@ class Store(StoreRoot):
         return find(self, handle, query, exact=exact)
 
     def _find_with_fingerprints(self, handle: Handle
-                                ) -> tuple[StoredModule, dict[str, index.Fingerprint],
+                                ) -> tuple[StoredModule, dict[str, index.Fingerprint], bool,
                                            str | None]:
-        """The module a handle names, its recorded fingerprints and weights header (hex
-        sha256; None when not recorded), on one connection."""
+        """The module a handle names, its recorded fingerprints (and whether they came from
+        its packed row) and weights header (hex sha256; None when not recorded), on one
+        connection."""
         def work(query: Callable[..., list[Any]]) -> Any:
             stored = find(self, handle, query)
-            return (stored, index.fingerprints(query, stored.digest),
+            return (stored, *index.fingerprints(query, stored.digest),
                     index.header_of(query, stored.digest))
 
         return self._reading(work)
@@ -433,7 +438,12 @@ class Store(StoreRoot):
 
     def _check(self, stored: StoredModule, *, level: str,
                recorded: dict[str, index.Fingerprint], header: str | None = None,
-               defer: bool = False) -> Manifest:
+               defer: bool = False, packed: bool) -> tuple[Manifest, bool]:
+        """Check the tree (trees.check_tree) and record what it hashed; ``recorded`` gains
+        those fingerprints. Returns the manifest and whether anything was hashed.
+
+        The module's packed fingerprints are rewritten when they were not ``packed`` or a
+        blob was hashed, unless ``defer`` leaves that to :meth:`read_tensors`."""
         try:
             manifest, fresh = check_tree(stored.path, stored.digest, recorded, level=level,
                                          blob_file=self.blob_file, header_sha256=header,
@@ -441,8 +451,11 @@ class Store(StoreRoot):
         except (GraftError, OSError) as exc:
             damage = str(exc)
         else:
-            index.record_fingerprints(self._index, stored.digest, fresh)
-            return manifest
+            recorded.update(fresh)
+            repack = not defer and (bool(fresh) or not packed)
+            index.record_fingerprints(self._index, stored.digest, fresh,
+                                      pack=recorded if repack else None)
+            return manifest, bool(fresh)
         if not self._read("SELECT 1 FROM modules WHERE digest = ?", (stored.digest,)):
             raise ModuleNotFound(f"{stored.handle} was removed from the local store at "
                                  f"{self.root} while being read; {HOW_TO_ADD}")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from graft.errors import GraftError, HandleError, StoreError
 from graft.format.manifest import Manifest, Parent
-from graft.hub import index, leases, staging
+from graft.hub import index, leases, readers, staging
 from graft.hub.gc import TREE_NAME, adopt
 from graft.hub.lookup import hex_of
 from graft.settings import graft_home
@@ -51,8 +51,10 @@ class StoredModule:
     parents: tuple[Parent, ...] = ()
     damage: str | None = None
     lease: leases.Lease | None = field(default=None, compare=False, repr=False)
-    # the tensor blobs' recorded fingerprints, when open() left their check to read_tensors
+    # the tensor blobs' recorded fingerprints, when open() left their check to read_tensors,
+    # and whether read_tensors is to rewrite the module's packed fingerprints (index.py)
     deferred: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    repack: bool = field(default=False, compare=False, repr=False)
 
     @property
     def handle(self) -> str:
@@ -129,9 +131,10 @@ class StoreRoot:
             return work(lambda sql, params=(): [])
         for attempt in (1, 2):
             try:
-                with closing(index.reader(self._index)) as conn:
-                    return work(lambda sql, params=(): conn.execute(sql, params).fetchall())
+                conn = readers.reader(self._index)  # kept between reads (hub/readers.py)
+                return work(lambda sql, params=(): conn.execute(sql, params).fetchall())
             except sqlite3.Error as exc:
+                readers.drop()
                 if attempt == 2:
                     raise StoreError(f"cannot read the store index {self._index}: {exc}; run "
                                      "`graft gc` with write access to the store to rebuild "
