@@ -193,6 +193,7 @@ class StoreRoot:
                     raise StoreError(f"cannot write the store index {self._index}: {exc}; if "
                                      "it is damaged, Store.rebuild_index() rebuilds it from "
                                      "the module trees") from None
+                _checkpoint(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot rebuild the store index {self._index}: {exc}") from None
         finally:
@@ -213,3 +214,16 @@ class StoreRoot:
                             digest=str(row["digest"]), path=path, created=str(row["created"]),
                             size=row["size"] if isinstance(row["size"], int) else 0,
                             parents=parents, damage=damage)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Move what a writer committed from the WAL into the index file and empty the WAL.
+
+    SQLite does this itself when the last connection closes, but readers keep theirs open
+    (hub/readers.py), so a writer would otherwise leave a WAL as large as its writes behind.
+    Best effort: a reader in the middle of a query makes it wait, at most the busy timeout.
+    """
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.Error:
+        pass
