@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,9 +46,13 @@ class Behaviour:
 
 
 class Hostile:
-    """The server; ``url`` is ``http://127.0.0.1:PORT``."""
+    """The server; ``url`` is ``http://127.0.0.1:PORT``, or ``https://`` with ``tls``.
 
-    def __init__(self) -> None:
+    Args:
+        tls: ``(certificate, key)`` PEM files: serve HTTPS with them.
+    """
+
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
         self.behaviour = Behaviour()
         self.log: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -56,6 +61,11 @@ class Hostile:
         self.server.daemon_threads = True
         self.address = f"127.0.0.1:{self.server.server_address[1]}"
         self.url = f"http://{self.address}"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://{self.address}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

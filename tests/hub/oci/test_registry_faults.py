@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
+import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from graft.errors import (
@@ -191,6 +194,36 @@ def test_credentials_never_follow_a_redirect_to_another_host(hostile, published,
         assert manifests[-1]["headers"]["authorization"] == "Bearer registry-token-123"
     finally:
         other.close()
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no certificate authority signed, and its key."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_a_plain_http_registry_redirecting_to_https_gets_certificates_checked(
+        hostile, published, tmp_path):
+    cert, key = self_signed(tmp_path)
+    cdn = Hostile(tls=(cert, key))
+    try:
+        cdn.behaviour.blobs = dict(hostile.behaviour.blobs)
+        # the server is sound: a client that trusts its certificate reads from it
+        trusting = httpx.HTTPTransport(verify=ssl.create_default_context(cafile=str(cert)))
+        with RegistryClient(cdn.address, scheme="https", transport=trusting) as c:
+            assert c.request("GET", "/v2/", scope="").status_code == 200
+        hostile.behaviour.redirect_blobs = cdn.url
+        store = Store(tmp_path / "store")
+        with pytest.raises(RegistryError, match="CERTIFICATE_VERIFY_FAILED"):
+            pull(f"oci://{hostile.address}/team/backbone:1.0.0", store=store,
+                 client=client(hostile, retries=0))
+        assert not cdn.requests("GET", "/blobs/")  # no request got past the handshake
+        assert_nothing_stored(store)
+    finally:
+        cdn.close()
 
 
 @pytest.mark.parametrize("status, error, words", [

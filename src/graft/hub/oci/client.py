@@ -88,10 +88,19 @@ class RegistryClient:
         self._retries, self._backoff, self._sleep = retries, backoff, sleep
         self._tokens: dict[str, str] = {}
         self._lock = threading.Lock()
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        mounts = None
+        if transport is None:
+            # https through a transport made on first use: loading the CA bundle costs about
+            # 50 ms, which a pull from a plain-http registry never needs. The plain one is
+            # given an unverifying context only because httpx builds one for every transport;
+            # it never handshakes (an https URL, a redirect to a CDN too, takes the other).
+            transport = _OnFirstUse(lambda: httpx.HTTPTransport(verify=_verified_context(),
+                                                                limits=limits))
+            mounts = {"http://": httpx.HTTPTransport(verify=False, limits=limits)}
         self._http = httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=False,
-                                  transport=transport, trust_env=False,
-                                  limits=httpx.Limits(max_connections=32,
-                                                      max_keepalive_connections=32),
+                                  transport=transport, mounts=mounts, trust_env=False,
+                                  limits=limits,
                                   headers={"User-Agent": "graft-hub",
                                            # digests cover the bytes as stored, not a
                                            # compressed form of them
@@ -296,6 +305,40 @@ class RegistryClient:
             return RegistryError(f"the registry {self.registry} answered {status} to {where} "
                                  f"after {self._retries} retries{said}; try again later")
         return RegistryError(f"the registry {self.registry} answered {status} to {where}{said}")
+
+
+class _OnFirstUse:
+    """An httpx transport that is made when its first request comes (thread-safe)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make, self._made, self._lock = make, None, threading.Lock()
+
+    def handle_request(self, request: Any) -> Any:
+        with self._lock:
+            if self._made is None:
+                self._made = self._make()
+        return self._made.handle_request(request)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._made is not None:
+                self._made.close()
+
+
+_CONTEXT_LOCK = threading.Lock()
+_CONTEXT: Any = None
+
+
+def _verified_context() -> Any:
+    """One certificate-verifying TLS context per process, shared by every client (httpx's
+    default: certifi's bundle), so the bundle is loaded once."""
+    global _CONTEXT
+    with _CONTEXT_LOCK:
+        if _CONTEXT is None:
+            import httpx
+
+            _CONTEXT = httpx.create_ssl_context(trust_env=False)
+        return _CONTEXT
 
 
 def _origin(url: str) -> tuple[str, str]:
