@@ -6,7 +6,8 @@ repeated calls after a warm-up, batch 1 and 32, for
 
 - EfficientNet-Lite0 ``classify`` (224x224 images), and
 - all-MiniLM-L6-v2 ``embed``: batch 1 at 12 tokens (a short sentence or a search query), 32
-  and 128 tokens, and batch 32 at 32 tokens.
+  and 128 tokens, and batch 32 at 32 tokens; also its int8 export
+  (``graft export onnx --quantize int8``), with its size and its distance from PyTorch.
 
 The eager baseline is the model a user would write: Graft's eager architecture with the same
 weights (``graft.zoo.efficientnet`` / ``graft.zoo.minilm``), ``torch.no_grad``, eval mode;
@@ -105,6 +106,11 @@ def bench_module(name: str, signature: str, workdir: Path, repeats: int, threads
     module = graft.load(name)
     exported = export_onnx(module, workdir / f"{name}.onnx", signature=signature)
     session = onnx_session(exported.path, threads=threads)
+    int8 = None
+    if name == "minilm-l6":  # a transformer: its MatMul weights are what int8 shrinks
+        int8 = export_onnx(module, workdir / f"{name}.int8.onnx", signature=signature,
+                           quantize="int8")
+        int8_session = onnx_session(int8.path, threads=threads)
     eager = _eager(name)
     compiled = torch.compile(eager)
     other = _sentence_transformers() if name == "minilm-l6" else None
@@ -120,11 +126,15 @@ def bench_module(name: str, signature: str, workdir: Path, repeats: int, threads
             "torch.compile": lambda: compiled(*inputs),
             "ONNX Runtime": lambda: session.run(None, feeds),
         }
+        if int8 is not None:
+            fns["ONNX Runtime int8"] = lambda: int8_session.run(None, feeds)
         if other is not None:
             fns["sentence-transformers"] = lambda: other(*inputs)
         with torch.no_grad():
             rows[batch, tokens] = _interleaved_medians(fns, count)
-    return {"parity": exported.max_abs_diff, "rows": rows}
+    return {"parity": exported.max_abs_diff, "rows": rows,
+            "int8": int8.quantization if int8 is not None else None,
+            "sizes": [e.path.stat().st_size for e in (exported, int8) if e is not None]}
 
 
 def bench_browser(workdir: Path, repeats: int, *, isolated: bool) -> dict[str, float]:
@@ -211,6 +221,13 @@ def main() -> None:
             result = bench_module(name, signature, Path(tmp), repeats, threads)
             print(f"\n{name}:{signature}  (ONNX vs PyTorch on the reference inputs: max abs "
                   f"difference {result['parity']:.1e})")
+            if result["int8"]:
+                q = result["int8"]
+                print(f"  int8 (`graft export onnx --quantize int8`, {q['matmuls']} MatMul "
+                      f"weights, {result['sizes'][1] / 1e6:.1f} MB against "
+                      f"{result['sizes'][0] / 1e6:.1f} MB): max abs difference "
+                      f"{q['max_abs_diff']:.1e}, least cosine similarity {q['min_cosine']:.4f} "
+                      "to PyTorch")
             for (batch, tokens), times in result["rows"].items():
                 base = times["torch eager"]
                 print(f"  batch {batch}" + (f", {tokens} tokens" if tokens else ""))

@@ -56,6 +56,8 @@ class OnnxExport:
     max_abs_diff: float
     checked_batches: tuple[int, ...]
     config: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: With ``quantize``: how it was done and how far the result is from PyTorch.
+    quantization: dict[str, Any] | None = None
 
 
 class _SignatureFunction(nn.Module):
@@ -184,7 +186,8 @@ def _labels(module: Any) -> list[str] | None:
 
 def export_onnx(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[str], *,
                 signature: str | None = None, tolerance: float = TOLERANCE,
-                overwrite: bool = False) -> OnnxExport:
+                overwrite: bool = False, quantize: str | None = None,
+                min_cosine: float | None = None) -> OnnxExport:
     """Export one signature of a module as ONNX, with its preprocessing beside it as JSON.
 
     Args:
@@ -194,6 +197,10 @@ def export_onnx(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[
         tolerance: The largest absolute difference from PyTorch that ONNX Runtime may show
             on the reference inputs.
         overwrite: Replace existing files at ``output``.
+        quantize: ``"int8"``: write the model with int8 MatMul weights
+            (``graft.export.quantize``), after the float graph passed the parity check.
+        min_cosine: With ``quantize``: the least cosine similarity to PyTorch each output
+            row must keep (default ``quantize.MIN_COSINE``).
 
     Returns:
         Where the files went, and the parity measured.
@@ -206,8 +213,14 @@ def export_onnx(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[
     import graft
     from graft.runtime.module import Module
 
+    from graft.export.quantize import MIN_COSINE, QUANTIZE, quantize_int8
+
     for package in ("onnx", "onnxscript", "onnxruntime"):
         require(package, "onnx", "ONNX export")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ExportError(f"--quantize {quantize}: Graft quantizes to {', '.join(QUANTIZE)}")
+    if min_cosine is not None and (quantize is None or not 0 < min_cosine <= 1):
+        raise ExportError("--min-cosine goes with --quantize, and is a number in (0, 1]")
     module = handle if isinstance(handle, Module) else graft.load(handle, trainable=False)
     module.eval()
     name = signature or module.default_signature
@@ -256,6 +269,15 @@ def export_onnx(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[
             raise ExportError(f"ONNX Runtime differs from PyTorch by up to {worst:.3g} on the "
                               f"reference inputs of {module.name}:{name} (tolerance "
                               f"{tolerance:g}); the export is refused")
+        del session
+        quantization = None
+        if quantize is not None:
+            quantized = Path(tmp) / f".quantized-{path.name}"
+            labels = _labels(module)
+            quantization = quantize_int8(staged, quantized, onnx_session, wrapper, batches,
+                                         classes=len(labels) if labels else None,
+                                         min_cosine=min_cosine or MIN_COSINE)
+            os.replace(quantized, staged)
         sizes = tuple(next(iter(b.values())).shape[0] for b in batches)
         config = {
             "format": ONNX_FORMAT,
@@ -271,8 +293,8 @@ def export_onnx(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[
             "opset": OPSET,
             "parity": {"max_abs_diff": worst, "tolerance": tolerance,
                        "batches": list(sizes)},
+            "quantization": quantization,
         }
-        del session
         if tokenizer_out is not None:
             config["preprocess"]["tokenizer"] = tokenizer_out.name
             shutil.copyfile(module.file_path(tokenizer),
@@ -283,20 +305,27 @@ def export_onnx(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[
         for staged_file in sorted(Path(tmp).iterdir()):
             os.replace(staged_file, path.parent / staged_file.name)
         _fs.atomic_write(sidecar, json.dumps(config, indent=1) + "\n")
-    return OnnxExport(path, sidecar, name, worst, sizes, config)
+    return OnnxExport(path, sidecar, name, worst, sizes, config, quantization)
 
 
 def describe(result: OnnxExport) -> str:
     """The lines ``graft export onnx`` prints."""
     size = result.path.stat().st_size / 2**20
     batches = ", ".join(map(str, result.checked_batches))
-    return (f"wrote {result.path} ({size:.1f} MB) and {result.sidecar.name}\n"
-            f"parity: ONNX Runtime vs PyTorch on the reference inputs (batches {batches}): "
-            f"max abs difference {result.max_abs_diff:.2e} (tolerance "
-            f"{result.config['parity']['tolerance']:g}) ok")
+    lines = (f"wrote {result.path} ({size:.1f} MB) and {result.sidecar.name}\n"
+             f"parity: ONNX Runtime vs PyTorch on the reference inputs (batches {batches}): "
+             f"max abs difference {result.max_abs_diff:.2e} (tolerance "
+             f"{result.config['parity']['tolerance']:g}) ok")
+    q = result.quantization
+    if q:
+        lines += (f" (the float graph)\nint8: {q['matmuls']} MatMul weights quantized; vs "
+                  f"PyTorch: max abs difference {q['max_abs_diff']:.2e}, least cosine "
+                  f"similarity {q['min_cosine']:.4f} (at least {q['required_cosine']:g}) ok")
+    return lines
 
 
 def cli(args: Any) -> None:
-    """``graft export onnx HANDLE [--signature S] -o FILE [--force]``."""
+    """``graft export onnx HANDLE [--signature S] -o FILE [--force] [--quantize int8]``."""
     print(describe(export_onnx(args.handle, args.output, signature=args.signature,
-                               overwrite=args.force)))
+                               overwrite=args.force, quantize=args.quantize,
+                               min_cosine=args.min_cosine)))
