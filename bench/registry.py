@@ -13,7 +13,10 @@ in temporary folders, in one run, and prints medians:
    (into the store, verified, ready to load) vs ``skopeo copy docker://... oci:DIR`` of the
    same artifact (target >= 1.0x), with the CPU time each client and the registry spent;
 5. the per-blob round trip on loopback, the figure that decides whether small tensors need
-   grouping into one blob.
+   grouping into one blob;
+6. what bounds a pull: the same layers fetched by a bare client (httpx, 8 threads, the bytes
+   thrown away), and ``skopeo copy`` of a copy of the artifact whose tensors under 16 KB are
+   one layer (what grouping would give a client that only checks digests).
 """
 
 from __future__ import annotations
@@ -160,9 +163,66 @@ def main() -> None:
         print(f"5. per-blob round trip on loopback: {rtt * 1000:.2f} ms median; {small} of "
               f"{len(manifest.tensors)} tensors are under 16 KB, so one request each costs "
               f"about {small * rtt * 1000 / 8:.0f} ms per pull over 8 connections")
+        bare, grouped, layers = _bounds(registry.address, pushed, args.repeats, work, skopeo)
+        print(f"6. the same pull's bounds: a bare client fetching every layer and keeping "
+              f"nothing {bare * 1000:.0f} ms; skopeo copy with the tensors under 16 KB as one "
+              f"layer ({layers} layers) {grouped * 1000:.0f} ms (medians of {args.repeats})")
     finally:
         registry.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _bounds(address: str, pushed, repeats: int, work: Path, skopeo: str
+            ) -> tuple[float, float, int]:
+    """Median seconds of a bare fetch of every layer of ``pushed``, and of ``skopeo copy`` of
+    a copy of it (repository ``bench/grouped``) whose small tensor layers are one blob."""
+    import hashlib
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    repo = pushed.reference.removeprefix("oci://").partition("/")[2].partition("@")[0]
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    with httpx.Client(base_url=f"http://{address}", timeout=60) as http:
+        body = http.get(f"/v2/{repo}/manifests/{pushed.manifest_digest}", headers=accept).json()
+        layers = body["layers"]
+
+        def fetch(digest: str) -> bytes:
+            with http.stream("GET", f"/v2/{repo}/blobs/{digest}") as r:
+                return b"".join(r.iter_raw())
+
+        bare = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(8) as pool:
+                for _ in pool.map(lambda d: len(fetch(d)), [d["digest"] for d in layers]):
+                    pass
+            bare.append(time.perf_counter() - start)
+        small = [d for d in layers if d["mediaType"].endswith("tensor.v1") and d["size"] < 16384]
+        group = b"".join(fetch(d["digest"]) for d in small)
+        digest = "sha256:" + hashlib.sha256(group).hexdigest()
+        kept = [d for d in layers if d not in small]
+        for d in [body["config"], *kept]:
+            http.post("/v2/bench/grouped/blobs/uploads/",
+                      params={"mount": d["digest"], "from": repo}).raise_for_status()
+        location = http.post("/v2/bench/grouped/blobs/uploads/").headers["location"]
+        http.put(location + ("&" if "?" in location else "?") + "digest=" + digest,
+                 content=group).raise_for_status()
+        grouped_body = {**body, "layers": [*kept, {"mediaType": "application/octet-stream",
+                                                   "digest": digest, "size": len(group)}]}
+        http.put("/v2/bench/grouped/manifests/1", content=json.dumps(grouped_body).encode(),
+                 headers={"Content-Type": body["mediaType"]}).raise_for_status()
+    times = []
+    for i in range(repeats):
+        layout = work / f"grouped-{i}"
+        start = time.perf_counter()
+        subprocess.run([skopeo, "copy", "--quiet", "--src-tls-verify=false",
+                        f"docker://{address}/bench/grouped:1", f"oci:{layout}:net"], check=True,
+                       capture_output=True)
+        times.append(time.perf_counter() - start)
+        shutil.rmtree(layout)
+    return statistics.median(bare), statistics.median(times), len(grouped_body["layers"])
 
 
 def _cpu(pid: int) -> tuple[float, float, float] | None:

@@ -46,6 +46,10 @@ def test_int8_weights_run_close_to_pytorch(text_module, tmp_path):
     int8 = [t for t in graph.initializer
             if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
     assert len(int8) == result.quantization["matmuls"]  # one int8 weight matrix per product
+    # and the token embedding table, in uint8
+    tables = [t for t in graph.initializer
+              if t.data_type == onnx.TensorProto.UINT8 and list(t.dims) == [50, 16]]
+    assert len(tables) == result.quantization["embedding_tables"] == 1
     module = graft.load(str(text_module))
     quantized, plain = onnx_session(out), onnx_session(float_out.path)
     for batch, seq in ((1, 5), (4, 11)):
@@ -95,7 +99,7 @@ def test_cli_quantizes_and_refuses_bad_options(text_module, tmp_path, capsys):
     assert main(["export", "onnx", str(text_module), "-o", str(out), "--quantize",
                  "int8"]) == 0
     printed = capsys.readouterr().out
-    assert "(the float graph)" in printed and "MatMul weights quantized" in printed
+    assert "(the float graph)" in printed and "embedding tables quantized" in printed
     assert main(["export", "onnx", str(text_module), "-o", str(tmp_path / "x.onnx"),
                  "--min-cosine", "0.9"]) == 1
     err = capsys.readouterr().err.strip()

@@ -318,7 +318,8 @@ def describe(result: OnnxExport) -> str:
              f"{result.config['parity']['tolerance']:g}) ok")
     q = result.quantization
     if q:
-        lines += (f" (the float graph)\nint8: {q['matmuls']} MatMul weights quantized; vs "
+        lines += (f" (the float graph)\nint8: {q['matmuls']} MatMul weights and "
+                  f"{q['embedding_tables']} embedding tables quantized; vs "
                   f"PyTorch: max abs difference {q['max_abs_diff']:.2e}, least cosine "
                   f"similarity {q['min_cosine']:.4f} (at least {q['required_cosine']:g}) ok")
     return lines

@@ -1,11 +1,13 @@
 """Weight quantization of an exported ONNX model (``graft export onnx --quantize int8``).
 
 ``int8`` is ONNX Runtime's dynamic quantization of every ``MatMul`` whose weights are
-constants (a linear layer's ``Gemm`` is made one first): the weights are stored as int8 with one scale per output channel, and each call
-quantizes its activations to uint8 on the fly (``DynamicQuantizeLinear``, ``MatMulInteger``:
-standard ONNX operators, so ONNX Runtime Web runs them too). The model is about a quarter of
-the size and, where matrix products over the weights dominate (a transformer at batch 1,
-which reads every weight once per call), several times faster.
+constants (a linear layer's ``Gemm`` is made one first) and of every embedding table (a
+``Gather`` from constants): product weights are stored as int8 with one scale per output
+channel, tables as uint8 with one scale each, and each call quantizes a product's activations to uint8 on the fly
+(``DynamicQuantizeLinear``, ``MatMulInteger``, ``DequantizeLinear``: standard ONNX
+operators, so ONNX Runtime Web runs them too). The model is about a quarter of the size
+and, where matrix products over the weights dominate (a transformer at batch 1, which reads
+every weight once per call), several times faster.
 
 It is lossy, so it cannot pass the 1e-4 parity check of the float export. The float graph is
 checked first, as always; the quantized one is then measured against PyTorch on the same
@@ -58,11 +60,16 @@ def quantize_int8(source: Path, target: Path, session_for: Any, wrapper: torch.n
     onnx = require("onnx", "onnx", "ONNX quantization")
     quantization = require("onnxruntime.quantization", "onnx", "ONNX quantization")
     with _quiet():
-        quantization.quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"],
+        quantization.quantize_dynamic(str(source), str(target),
+                                      op_types_to_quantize=["MatMul", "Gather"],
                                       per_channel=True,
                                       weight_type=quantization.QuantType.QInt8)
     graph = onnx.load(str(target), load_external_data=False).graph
     matmuls = sum(1 for node in graph.node if node.op_type == "MatMulInteger")
+    eight_bit = {t.name for t in graph.initializer
+                 if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    tables = sum(1 for node in graph.node
+                 if node.op_type == "Gather" and node.input[0] in eight_bit)
     if matmuls == 0:
         target.unlink(missing_ok=True)
         raise ExportError("--quantize int8 found no MatMul over constant weights in this "
@@ -90,7 +97,7 @@ def quantize_int8(source: Path, target: Path, session_for: Any, wrapper: torch.n
                           f"inputs (at least {min_cosine:g} is required); export it in float, "
                           "or lower --min-cosine if that is enough for your use")
     return {"weights": "int8", "method": "dynamic, MatMul weights per output channel",
-            "matmuls": matmuls, "max_abs_diff": worst_diff, "min_cosine": worst_cos,
+            "matmuls": matmuls, "embedding_tables": tables, "max_abs_diff": worst_diff, "min_cosine": worst_cos,
             "required_cosine": min_cosine}
 
 

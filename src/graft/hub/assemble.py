@@ -49,7 +49,8 @@ _READ_ONLY = 0o444
 
 def install_blobs(store: Any, manifest: Manifest, layouts: Mapping[str, FileLayout],
                   sources: Mapping[str, Source], fresh: Set[str], fetch: Fetch,
-                  conn: sqlite3.Connection, *, repairing: bool = False) -> str:
+                  conn: sqlite3.Connection, *, repairing: bool = False,
+                  checked_programs: Set[str] = frozenset()) -> str:
     """Write a module's blobs and tree from the blobs it was sent as, then its index row.
 
     Args:
@@ -64,6 +65,8 @@ def install_blobs(store: Any, manifest: Manifest, layouts: Mapping[str, FileLayo
         fetch: Gets the blobs that neither the store nor ``sources`` holds intact.
         repairing: The module is indexed but damaged: its blobs and tree are rewritten and
             the row stays.
+        checked_programs: sha256s of program files the caller ran ``check_programs`` on for
+            this manifest (``validate_tree``).
 
     Returns:
         When the row was created (UTC, ISO 8601); "" when repairing.
@@ -95,7 +98,8 @@ def install_blobs(store: Any, manifest: Manifest, layouts: Mapping[str, FileLayo
         link_or_copy(store.blob_path(layouts[WEIGHTS].header[0]), tree / HEADER_LINK)
         tensorfiles.write_record(tree, split)
         manifest.write(tree)
-        checked, fingerprints = validate_tree(tree, store.blob_file)
+        checked, fingerprints = validate_tree(tree, store.blob_file,
+                                              checked_programs=checked_programs)
         if checked.digest != manifest.digest:
             raise IntegrityError(f"the blobs of {manifest.name} make up {checked.digest}, not "
                                  f"{manifest.digest}")

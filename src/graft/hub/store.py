@@ -108,7 +108,8 @@ class Store(StoreRoot):
 
     def add_blobs(self, manifest: Manifest, layouts: Mapping[str, Any],
                   sources: Mapping[str, Any], fetch: Callable[..., Any], *,
-                  fresh: Iterable[str] = ()) -> StoredModule:
+                  fresh: Iterable[str] = (), checked_programs: Iterable[str] = ()
+                  ) -> StoredModule:
         """Add a module from the blobs it was sent as (what ``graft pull`` downloaded), with
         the checks of :meth:`add` (hub/assemble.py): each blob is linked into the store, not
         copied, and the module is visible only once all of it is there.
@@ -121,6 +122,8 @@ class Store(StoreRoot):
             fetch: Gets ``[(hex sha256, size)]`` that no source holds intact: hex -> file.
             fresh: Blobs whose sources are the caller's own files, hashed a moment ago (a
                 pull's downloads): handed over, they are linked in rather than copied.
+            checked_programs: sha256s of program files ``check_programs`` already passed
+                for this manifest (a pull checks them while the rest downloads).
 
         Raises:
             IntegrityError / FormatError: the blobs are not that module.
@@ -128,9 +131,10 @@ class Store(StoreRoot):
         """
         from graft.hub.assemble import install_blobs
 
-        fresh = frozenset(fresh)
+        fresh, checked = frozenset(fresh), frozenset(checked_programs)
         return self._install(manifest, lambda conn, repairing: install_blobs(
-            self, manifest, layouts, sources, fresh, fetch, conn, repairing=repairing))
+            self, manifest, layouts, sources, fresh, fetch, conn, repairing=repairing,
+            checked_programs=checked))
 
     def _install(self, manifest: Manifest,
                  write: Callable[[sqlite3.Connection, bool], str]) -> StoredModule:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable
+from typing import AbstractSet, Callable
 
 from graft.errors import IntegrityError
 from graft.format.manifest import MANIFEST_NAME, Manifest
@@ -129,10 +129,16 @@ def check_tree(tree: Path, digest: str, recorded: dict[str, Fingerprint], *,
     return manifest, fresh
 
 
-def validate_tree(tree: Path, blob_file: Callable[[str], str] | None = None
+def validate_tree(tree: Path, blob_file: Callable[[str], str] | None = None, *,
+                  checked_programs: AbstractSet[str] = frozenset()
                   ) -> tuple[Manifest, dict[str, Fingerprint]]:
     """Validate a tree that has no index row as completely as ``Store.add`` validates a
     module: every byte hashed, every file regular, every program checked.
+
+    Args:
+        checked_programs: sha256s of program files that ``check_programs`` passed for this
+            manifest already (a pull checks its downloads while the rest arrive); the tree's
+            files are hashed against the manifest here, so these are the same bytes.
 
     Returns:
         The manifest and fingerprints of its tensor files.
@@ -158,5 +164,5 @@ def validate_tree(tree: Path, blob_file: Callable[[str], str] | None = None
     for rel in manifest.files:
         if rel not in split_files and not (rel == tensors.WEIGHTS and tensors.is_split(tree)):
             check_file(resolve_inside(root, rel), rel)
-    check_programs(tree, manifest)
+    check_programs(tree, manifest, done=checked_programs)
     return manifest, fresh

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import ssl
@@ -18,7 +19,7 @@ from graft.errors import (
     RegistryAuthError,
     RegistryError,
 )
-from graft.format.manifest import canonical_json
+from graft.format.manifest import Manifest, canonical_json
 from graft.hub.oci.artifact import CONFIG_TYPE, build_manifest
 from graft.hub.oci.client import RegistryClient
 from graft.hub.oci.credentials import Credentials
@@ -194,6 +195,37 @@ def test_credentials_never_follow_a_redirect_to_another_host(hostile, published,
         assert manifests[-1]["headers"]["authorization"] == "Bearer registry-token-123"
     finally:
         other.close()
+
+
+def test_a_program_outside_the_operator_list_is_refused_while_tensors_download(
+        hostile, saved, tmp_path):
+    """The programs are checked as soon as they arrive (pull.py), not after the tensors."""
+    import shutil
+
+    from graft.errors import UnsafeContentError
+    from graft.format.manifest import FileEntry
+
+    module = tmp_path / "module"
+    shutil.copytree(saved.parent, module)
+    manifest = Manifest.read(module)
+    rel = sorted(r for r in manifest.files if r.startswith("programs/"))[0]
+    program = json.loads((module / rel).read_bytes())
+    program["nodes"][0]["target"] = "os.system"
+    data = json.dumps(program).encode()
+    (module / rel).write_bytes(data)
+    files = dict(manifest.files)
+    files[rel] = FileEntry(hashlib.sha256(data).hexdigest(), len(data))
+    dataclasses.replace(manifest, files=files).write(module)
+    hostile.serve_module(module, "team/hostile")
+    store = Store(tmp_path / "store")
+    with pytest.raises(UnsafeContentError, match="'os.system', which is not in Graft's "
+                                                 "operator list") as info:
+        pull(f"oci://{hostile.address}/team/hostile:1.0.0", store=store,
+             client=client(hostile))
+    # refused by the early check, before the store was handed anything
+    frames = [entry.name for entry in info.traceback]
+    assert "check_early" in frames and "add_blobs" not in frames
+    assert_nothing_stored(store)
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:

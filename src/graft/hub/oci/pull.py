@@ -18,11 +18,12 @@ import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from graft.errors import FormatError, IntegrityError, ModuleNotFound
 from graft.format import jsonio
 from graft.format.manifest import MANIFEST_NAME, Manifest
+from graft.format.validate import check_programs, program_files
 from graft.hub.oci.artifact import (
     CONFIG_TYPE,
     INDEX_TYPE,
@@ -200,7 +201,21 @@ def _assemble(store: Any, cache: BlobCache, client: RegistryClient, ref: Referen
         for d in (split.header, *(t for _, t in split.tensors)):
             if d.hex not in sources:
                 fetch.setdefault(d.hex, d)
-    downloaded = _download_all(client, ref, list(fetch.values()), cache, progress, workers)
+    # The programs are checked (the slowest check of a module, and pure Python) while the
+    # tensors are still arriving, when all of them are downloads; the tree check then knows.
+    programs = {rel: "sha256:" + manifest.files[rel].sha256 for rel in program_files(manifest)
+                if rel in manifest.files}
+    checked: set[str] = set()
+
+    def check_early(paths: dict[str, Path]) -> None:
+        checked.update(check_programs(None, manifest, files={
+            rel: paths[digest] for rel, digest in programs.items()}))
+
+    early = len(programs) == len(program_files(manifest)) and all(
+        d.removeprefix("sha256:") in fetch for d in programs.values())
+    downloaded = _download_all(client, ref, list(fetch.values()), cache, progress, workers,
+                               first=set(programs.values()) if early else set(),
+                               when_first=check_early if early else None)
     sources.update((d.hex, (downloaded[d.digest], 0, d.size)) for d in fetch.values())
     blobs = {d.hex: d for d in plan.blobs().values()}
 
@@ -220,7 +235,7 @@ def _assemble(store: Any, cache: BlobCache, client: RegistryClient, ref: Referen
                                   tuple((name, by_name[name].hex, by_name[name].size)
                                         for name, _, _ in order))
     stored = store.add_blobs(manifest, layouts, sources, fetch_again,
-                             fresh={d.hex for d in fetch.values()})
+                             fresh={d.hex for d in fetch.values()}, checked_programs=checked)
     cache.discard(p.name for p in downloaded.values())
     if stored.digest != manifest.digest:
         raise IntegrityError(f"pulled {ref} but the store holds {stored.digest}")
@@ -249,7 +264,13 @@ def _header(client: RegistryClient, ref: Reference, d: Descriptor,
 
 
 def _download_all(client: RegistryClient, ref: Reference, blobs: list[Descriptor],
-                  cache: BlobCache, progress: bool | None, workers: int) -> dict[str, Path]:
+                  cache: BlobCache, progress: bool | None, workers: int,
+                  first: set[str] = frozenset(),  # type: ignore[assignment]
+                  when_first: Callable[[dict[str, Path]], None] | None = None
+                  ) -> dict[str, Path]:
+    """Download ``blobs`` in parallel: digest -> file. The digests in ``first`` start first,
+    and ``when_first`` gets their files as soon as they are all there, while the rest still
+    download (a failure there cancels what has not started)."""
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -257,11 +278,18 @@ def _download_all(client: RegistryClient, ref: Reference, blobs: list[Descriptor
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
                desc=f"pulling {ref.name}", leave=False)
     with bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        # the largest first, so that one big blob does not start last
-        ordered = sorted(blobs, key=lambda d: -d.size)
+        # then the largest first, so that one big blob does not start last
+        ordered = sorted(blobs, key=lambda d: (d.digest not in first, -d.size))
         futures = {d.digest: pool.submit(download, client, ref.repository, d, cache, bar.update)
                    for d in ordered}
-        return {digest: future.result() for digest, future in futures.items()}
+        try:
+            if when_first is not None:
+                when_first({digest: futures[digest].result() for digest in first})
+            return {digest: future.result() for digest, future in futures.items()}
+        except BaseException:
+            for future in futures.values():
+                future.cancel()
+            raise
 
 
 def _has(path: Path, size: int) -> bool:
