@@ -270,16 +270,16 @@ def export_onnx(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[
                               f"reference inputs of {module.name}:{name} (tolerance "
                               f"{tolerance:g}); the export is refused")
         del session
+        labels = _labels(module)
         quantization = None
         if quantize is not None:
             quantized = Path(tmp) / f".quantized-{path.name}"
-            labels = _labels(module)
             quantization = quantize_int8(staged, quantized, onnx_session, wrapper, batches,
                                          classes=len(labels) if labels else None,
                                          min_cosine=min_cosine or MIN_COSINE)
             os.replace(quantized, staged)
         sizes = tuple(next(iter(b.values())).shape[0] for b in batches)
-        config = {
+        config: dict[str, Any] = {
             "format": ONNX_FORMAT,
             "module": {"name": module.name, "version": module.version,
                        "digest": module.digest},
@@ -289,7 +289,7 @@ def export_onnx(handle: str | os.PathLike[str] | Any, output: str | os.PathLike[
             "outputs": [{"name": k, "spec": str(v)} for k, v in spec.outputs.items()],
             "dims": {k: {"min": lo, "max": hi} for k, (lo, hi) in spec.dims.items()},
             "preprocess": spec.preprocess.to_json() if spec.preprocess else None,
-            "labels": _labels(module),
+            "labels": labels,
             "opset": OPSET,
             "parity": {"max_abs_diff": worst, "tolerance": tolerance,
                        "batches": list(sizes)},

@@ -18,7 +18,7 @@ import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import AbstractSet, Any, Callable
 
 from graft.errors import FormatError, IntegrityError, ModuleNotFound
 from graft.format import jsonio
@@ -203,18 +203,18 @@ def _assemble(store: Any, cache: BlobCache, client: RegistryClient, ref: Referen
                 fetch.setdefault(d.hex, d)
     # The programs are checked (the slowest check of a module, and pure Python) while the
     # tensors are still arriving, when all of them are downloads; the tree check then knows.
-    programs = {rel: "sha256:" + manifest.files[rel].sha256 for rel in program_files(manifest)
-                if rel in manifest.files}
+    programs = {rel: manifest.files[rel].sha256 if rel in manifest.files else None
+                for rel in program_files(manifest)}
     checked: set[str] = set()
 
     def check_early(paths: dict[str, Path]) -> None:
         checked.update(check_programs(None, manifest, files={
-            rel: paths[digest] for rel, digest in programs.items()}))
+            rel: paths[f"sha256:{sha}"] for rel, sha in programs.items()}))
 
-    early = len(programs) == len(program_files(manifest)) and all(
-        d.removeprefix("sha256:") in fetch for d in programs.values())
+    early = all(sha in fetch for sha in programs.values())
     downloaded = _download_all(client, ref, list(fetch.values()), cache, progress, workers,
-                               first=set(programs.values()) if early else set(),
+                               first={f"sha256:{sha}" for sha in programs.values()} if early
+                               else set(),
                                when_first=check_early if early else None)
     sources.update((d.hex, (downloaded[d.digest], 0, d.size)) for d in fetch.values())
     blobs = {d.hex: d for d in plan.blobs().values()}
@@ -265,7 +265,7 @@ def _header(client: RegistryClient, ref: Reference, d: Descriptor,
 
 def _download_all(client: RegistryClient, ref: Reference, blobs: list[Descriptor],
                   cache: BlobCache, progress: bool | None, workers: int,
-                  first: set[str] = frozenset(),  # type: ignore[assignment]
+                  first: AbstractSet[str] = frozenset(),
                   when_first: Callable[[dict[str, Path]], None] | None = None
                   ) -> dict[str, Path]:
     """Download ``blobs`` in parallel: digest -> file. The digests in ``first`` start first,
