@@ -14,6 +14,7 @@ is there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -212,10 +213,21 @@ def _assemble(store: Any, cache: BlobCache, client: RegistryClient, ref: Referen
             rel: paths[f"sha256:{sha}"] for rel, sha in programs.items()}))
 
     early = all(sha in fetch for sha in programs.values())
+
+    def meanwhile(first: Callable[[], dict[str, Path]]) -> None:
+        # while the blobs download: the store folders they go in (a fresh store has none of
+        # them). Only a head start: gc may take an empty one away again, and placing a blob
+        # makes its folder anew and reports what stops it.
+        with contextlib.suppress(OSError):
+            for folder in {store.blob_path(sha).parent for sha in fetch}:
+                folder.mkdir(parents=True, exist_ok=True)
+        if early:  # ... and the programs, as soon as they are here
+            check_early(first())
+
     downloaded = _download_all(client, ref, list(fetch.values()), cache, progress, workers,
                                first={f"sha256:{sha}" for sha in programs.values()} if early
                                else set(),
-                               when_first=check_early if early else None)
+                               meanwhile=meanwhile)
     sources.update((d.hex, (downloaded[d.digest], 0, d.size)) for d in fetch.values())
     blobs = {d.hex: d for d in plan.blobs().values()}
 
@@ -266,11 +278,11 @@ def _header(client: RegistryClient, ref: Reference, d: Descriptor,
 def _download_all(client: RegistryClient, ref: Reference, blobs: list[Descriptor],
                   cache: BlobCache, progress: bool | None, workers: int,
                   first: AbstractSet[str] = frozenset(),
-                  when_first: Callable[[dict[str, Path]], None] | None = None
+                  meanwhile: Callable[[Callable[[], dict[str, Path]]], None] | None = None
                   ) -> dict[str, Path]:
-    """Download ``blobs`` in parallel: digest -> file. The digests in ``first`` start first,
-    and ``when_first`` gets their files as soon as they are all there, while the rest still
-    download (a failure there cancels what has not started)."""
+    """Download ``blobs`` in parallel: digest -> file. The digests in ``first`` start first.
+    ``meanwhile`` runs in this thread while they download, given a function that waits for
+    the files of ``first`` (a failure in it cancels what has not started)."""
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -283,8 +295,8 @@ def _download_all(client: RegistryClient, ref: Reference, blobs: list[Descriptor
         futures = {d.digest: pool.submit(download, client, ref.repository, d, cache, bar.update)
                    for d in ordered}
         try:
-            if when_first is not None:
-                when_first({digest: futures[digest].result() for digest in first})
+            if meanwhile is not None:
+                meanwhile(lambda: {digest: futures[digest].result() for digest in first})
             return {digest: future.result() for digest, future in futures.items()}
         except BaseException:
             for future in futures.values():
