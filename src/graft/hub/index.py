@@ -6,7 +6,8 @@ file-system fingerprint of each large file when it was last hashed (so that a lo
 hash 20 MB to know the weights are unchanged; see docs/store.md).
 
 Because it is derived data, a lost or corrupt index is rebuilt from the trees, each
-re-validated completely (:func:`rebuild`); a module is never deleted because its row is gone.
+re-validated completely (``Store.rebuild_index``); a module is never deleted because its row is gone.
+The tables and their migrations are in hub/schema.py.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 from graft._sqlite import transaction
-from graft.errors import StoreError, VersionConflict
+from graft.errors import VersionConflict
 from graft.format.manifest import MANIFEST_NAME, Manifest
+from graft.hub import schema
+from graft.hub.schema import SCHEMA_VERSION
 
 __all__ = ["Fingerprint", "RACY_NS", "SCHEMA_VERSION", "conflict_message", "connect",
            "delete_module", "fingerprints", "forget_blob_checks", "forget_removed",
@@ -30,82 +33,7 @@ __all__ = ["Fingerprint", "RACY_NS", "SCHEMA_VERSION", "conflict_message", "conn
            "record_fingerprints", "record_split", "referenced_blobs", "removed_digests",
            "set_aside", "without_file_rows", "without_tensor_rows"]
 
-SCHEMA_VERSION = 5
 BUSY_TIMEOUT = 60.0  # seconds SQLite waits on a busy database
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS modules (
-    digest  TEXT PRIMARY KEY,   -- 'sha256:<hex>' of the canonical manifest
-    name    TEXT NOT NULL,
-    version TEXT NOT NULL,
-    created TEXT NOT NULL,      -- UTC, ISO 8601
-    size    INTEGER NOT NULL,   -- bytes of the module's files
-    parents TEXT NOT NULL,      -- JSON list of {"handle", "digest"}
-    UNIQUE (name, version)
-);
-CREATE TABLE IF NOT EXISTS files (
-    module TEXT NOT NULL,       -- modules.digest
-    path   TEXT NOT NULL,
-    sha256 TEXT NOT NULL,       -- the blob
-    size   INTEGER NOT NULL,
-    PRIMARY KEY (module, path)
-);
-CREATE INDEX IF NOT EXISTS files_by_sha256 ON files (sha256);
-"""
-# Version 2: the fingerprint of each tree file when it was last hashed, and removed modules.
-_MIGRATE_TO_2 = """
-ALTER TABLE files ADD COLUMN mtime_ns INTEGER;
-ALTER TABLE files ADD COLUMN ctime_ns INTEGER;
-ALTER TABLE files ADD COLUMN inode INTEGER;
-ALTER TABLE files ADD COLUMN checked_ns INTEGER;  -- when the file was hashed (time_ns)
-CREATE TABLE IF NOT EXISTS removed (
-    digest  TEXT PRIMARY KEY,   -- a module `graft rm` took out of the index
-    removed TEXT NOT NULL       -- UTC, ISO 8601
-);
-"""
-# Version 3: tensor-level blobs (hub/tensors.py). ``tensors`` says which blobs a module's
-# weights are made of (gc counts them as referenced); ``blob_checks`` holds the fingerprint of
-# each tensor blob when it was last hashed, once per blob however many modules share it.
-_MIGRATE_TO_3 = """
-CREATE TABLE IF NOT EXISTS tensors (
-    module TEXT NOT NULL,       -- modules.digest
-    kind   TEXT NOT NULL,       -- 'tensor', or 'header' (the safetensors header, name '')
-    name   TEXT NOT NULL,
-    sha256 TEXT NOT NULL,       -- the blob
-    size   INTEGER NOT NULL,
-    PRIMARY KEY (module, kind, name)
-);
-CREATE INDEX IF NOT EXISTS tensors_by_sha256 ON tensors (sha256);
-CREATE TABLE IF NOT EXISTS blob_checks (
-    sha256     TEXT PRIMARY KEY,
-    size       INTEGER NOT NULL,
-    mtime_ns   INTEGER NOT NULL,
-    ctime_ns   INTEGER NOT NULL,
-    inode      INTEGER NOT NULL,
-    checked_ns INTEGER NOT NULL
-);
-"""
-# Version 4: reference files as tensor blobs too (hub/tensorfiles.py): the blobs of each split
-# file other than the weights, which gc counts as referenced (the tree records their order).
-_MIGRATE_TO_4 = """
-CREATE TABLE IF NOT EXISTS file_blobs (
-    module TEXT NOT NULL,       -- modules.digest
-    path   TEXT NOT NULL,       -- the module file, e.g. 'reference/classify.safetensors'
-    part   INTEGER NOT NULL,    -- 0: its header; 1, 2, ...: its tensors in data order
-    sha256 TEXT NOT NULL,       -- the blob
-    size   INTEGER NOT NULL,
-    PRIMARY KEY (module, path, part)
-);
-CREATE INDEX IF NOT EXISTS file_blobs_by_sha256 ON file_blobs (sha256);
-"""
-# Version 5: each module's blob fingerprints packed into one row, read by every load instead
-# of hundreds of ``blob_checks`` rows (one per tensor). A cache of ``blob_checks`` for one
-# module; a stale entry never vouches for a changed blob (its stat differs) and costs a hash.
-_MIGRATE_TO_5 = """
-CREATE TABLE IF NOT EXISTS module_checks (
-    module TEXT PRIMARY KEY,    -- modules.digest
-    checks BLOB NOT NULL        -- _PACKED records: sha256 (32 bytes) and a Fingerprint
-);
-"""
 # A timestamp only proves "unchanged since" once the clock has moved past the file system's
 # timestamp granularity (2 s on the coarsest, FAT); a write in the same tick as the hash
 # would otherwise keep the fingerprint (the "racy clean" problem git's index also has).
@@ -163,21 +91,11 @@ def reader(path: Path, *, timeout: float = BUSY_TIMEOUT,
         if version != SCHEMA_VERSION:
             # 0: being created by a writer right now; 1: a writer will migrate it first
             raise sqlite3.OperationalError(f"no such table (index schema {version})")
-        _require_tables(conn)
+        schema.require_tables(conn)
     except BaseException:
         conn.close()
         raise
     return conn
-
-
-def _require_tables(conn: sqlite3.Connection) -> None:
-    """Refuse an index that lost a table (a damaged or hand-edited file)."""
-    found = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    missing = {"modules", "files", "removed", "tensors", "blob_checks", "file_blobs",
-               "module_checks"} - found
-    if missing:
-        raise sqlite3.DatabaseError(f"database disk image is malformed (no table "
-                                    f"{', '.join(sorted(missing))})")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -191,27 +109,11 @@ def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
     conn.row_factory = sqlite3.Row
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"the store index {path} has schema version {version}, newer "
-                             f"than this Graft's {SCHEMA_VERSION}; upgrade graft-hub")
-        if version < 1:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(_SCHEMA)
-            version = 1
-        if version < 2:
-            conn.executescript(_MIGRATE_TO_2)
-        if version < 3:
-            conn.executescript(_MIGRATE_TO_3)
-        if version < 4:
-            conn.executescript(_MIGRATE_TO_4)
-        if version < 5:
-            conn.executescript(_MIGRATE_TO_5)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        schema.migrate(conn, path)
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
-        _require_tables(conn)
+        schema.require_tables(conn)
     except BaseException:
         conn.close()
         raise
