@@ -6,8 +6,8 @@ file-system fingerprint of each large file when it was last hashed (so that a lo
 hash 20 MB to know the weights are unchanged; see docs/store.md).
 
 Because it is derived data, a lost or corrupt index is rebuilt from the trees, each
-re-validated completely (``Store.rebuild_index``); a module is never deleted because its row is gone.
-The tables and their migrations are in hub/schema.py.
+re-validated completely (``Store.rebuild_index``); a module is never deleted because its row
+is gone. The tables and their migrations are in hub/schema.py.
 """
 
 from __future__ import annotations
