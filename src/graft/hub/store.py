@@ -40,7 +40,6 @@ from graft.errors import (
     HandleError,
     IntegrityError,
     ModuleNotFound,
-    StoreError,
     VersionConflict,
 )
 from graft._sqlite import transaction
@@ -48,10 +47,11 @@ from graft.format.manifest import MANIFEST_NAME, Manifest
 from graft.hub import index, leases, staging
 from graft.hub.gc import GcReport, collect, delete_unused_tree
 from graft.hub.blobs import check_sources, open_regular
+from graft.hub.directory import write_directory
 from graft.hub.install import install
 from graft.hub.handles import Handle
 from graft.hub.lookup import HOW_TO_ADD, find, hex_of, store_handle, version_key
-from graft.hub.tensors import WEIGHTS, is_split
+from graft.hub.tensors import is_split
 from graft.hub.storeroot import StoreRoot, StoredModule
 from graft.hub.trees import check_tree
 
@@ -330,27 +330,7 @@ class Store(StoreRoot):
             IntegrityError: a stored file or blob is damaged.
             StoreError: ``directory`` exists or cannot be written.
         """
-        target = Path(directory).expanduser().absolute()
-        if target.exists() or target.is_symlink():
-            raise StoreError(f"export: {target} already exists; pass a new directory")
-        stored, manifest = self.open(handle)
-        try:
-            work = target.with_name(f".{target.name}.export-{os.getpid()}")
-            staging.rmtree(work)  # a leftover of an export killed in this process's pid
-            self._write_directory(stored, manifest, work)
-            os.rename(work, target)
-        except OSError as exc:
-            with staging.suppress_os_error():
-                staging.rmtree(work)
-            raise StoreError(f"export: cannot write {target}: {exc}") from None
-        except BaseException:
-            with staging.suppress_os_error():
-                staging.rmtree(work)
-            raise
-        finally:
-            if stored.lease is not None:
-                stored.lease.close()
-        return target
+        return write_directory(self, handle, directory)
 
     @contextmanager
     def exported(self, handle: str | Handle) -> Iterator[Path]:
@@ -358,27 +338,6 @@ class Store(StoreRoot):
         :meth:`export`), removed on exit: for tools that read a module directory."""
         with self.staging() as stage:
             yield self.export(handle, stage / "module")
-
-    def _write_directory(self, stored: StoredModule, manifest: Manifest, work: Path) -> None:
-        import shutil
-
-        from graft.hub import tensorfiles
-        from graft.hub.tensors import read_layout, write_weights
-
-        work.mkdir()
-        split = tensorfiles.read_record(stored.path, manifest)
-        for rel in manifest.files:
-            dest = work / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if rel == WEIGHTS and is_split(stored.path):
-                write_weights(self.blob_path, read_layout(stored.path, manifest), dest,
-                              manifest.files[rel].sha256, read_only=False)
-            elif rel in split:
-                tensorfiles.rebuild(self.blob_path, rel, split[rel], dest,
-                                    manifest.files[rel].sha256)
-            else:
-                shutil.copyfile(stored.path / rel, dest)
-        manifest.write(work)
 
     def files_on_demand(self, stored: StoredModule) -> Any:
         """A :class:`~graft.hub.ondemand.ExportOnDemand` of a module whose tree is not a
@@ -467,8 +426,6 @@ class Store(StoreRoot):
                              f"is damaged: {damage}. Run `graft verify {stored.handle}` for a "
                              "full check, and add the module again from its source "
                              "(`graft add DIR` or `graft import NAME`) to repair it")
-
-    # -- internals: writing ----------------------------------------------------------------
 
 
 # -- helpers -------------------------------------------------------------------------------
