@@ -3,11 +3,11 @@
 ``int8`` is ONNX Runtime's dynamic quantization of every ``MatMul`` whose weights are
 constants (a linear layer's ``Gemm`` is made one first) and of every embedding table (a
 ``Gather`` from constants): product weights are stored as int8 with one scale per output
-channel, tables as uint8 with one scale each, and each call quantizes a product's activations to uint8 on the fly
-(``DynamicQuantizeLinear``, ``MatMulInteger``, ``DequantizeLinear``: standard ONNX
-operators, so ONNX Runtime Web runs them too). The model is about a quarter of the size
-and, where matrix products over the weights dominate (a transformer at batch 1, which reads
-every weight once per call), several times faster.
+channel, tables as uint8 with one scale each, and each call quantizes a product's
+activations to uint8 on the fly (``DynamicQuantizeLinear``, ``MatMulInteger``,
+``DequantizeLinear``: standard ONNX operators, so ONNX Runtime Web runs them too). The model
+is about a quarter of the size and, where matrix products over the weights dominate (a
+transformer at batch 1, which reads every weight once per call), several times faster.
 
 It is lossy, so it cannot pass the 1e-4 parity check of the float export. The float graph is
 checked first, as always; the quantized one is then measured against PyTorch on the same
@@ -96,9 +96,10 @@ def quantize_int8(source: Path, target: Path, session_for: Any, wrapper: torch.n
         raise ExportError(f"the int8 model keeps only {what} to PyTorch on the reference "
                           f"inputs (at least {min_cosine:g} is required); export it in float, "
                           "or lower --min-cosine if that is enough for your use")
-    return {"weights": "int8", "method": "dynamic, MatMul weights per output channel",
-            "matmuls": matmuls, "embedding_tables": tables, "max_abs_diff": worst_diff, "min_cosine": worst_cos,
-            "required_cosine": min_cosine}
+    return {"weights": "int8",
+            "method": "dynamic; MatMul weights int8 per output channel, embedding tables uint8",
+            "matmuls": matmuls, "embedding_tables": tables, "max_abs_diff": worst_diff,
+            "min_cosine": worst_cos, "required_cosine": min_cosine}
 
 
 def _least_cosine(want: np.ndarray, have: np.ndarray) -> float:
