@@ -44,11 +44,11 @@ def fill(store: Store, stored_blob: str) -> dict[str, str]:
         "fresh_blob": f"blobs/{sha(fresh)}",  # downloaded, no module yet: a pull resumes it
         "old_blob": f"blobs/{sha(old)}",
         "fresh_part": f"partial/{sha(mid)}.part",
-        "fresh_lock": f"partial/{sha(mid)}.lock",
+        "old_lock": f"partial/{sha(mid)}.lock",  # an earlier version's per-blob lock file
         "old_part": f"partial/{sha(b'old half')}.part",
         "part_of_done": f"partial/{sha(fresh)}.part",  # its blob is already downloaded
         "part_in_store": f"partial/{stored_blob}.part",
-        "lonely_lock": f"partial/{sha(done)}.lock",  # a finished download's lock file
+        "lonely_lock": f"partial/{sha(done)}.lock",  # ... of a finished download
         "record": f"refs/manifest-{sha(b'm')}.json",
     }
     week = RESUME_WINDOW + 60
@@ -56,7 +56,7 @@ def fill(store: Store, stored_blob: str) -> dict[str, str]:
     put(cache / paths["fresh_blob"], fresh)
     put(cache / paths["old_blob"], old, age=week)
     put(cache / paths["fresh_part"], mid)
-    put(cache / paths["fresh_lock"], b"")
+    put(cache / paths["old_lock"], b"")
     put(cache / paths["old_part"], b"old", age=week)
     put(cache / paths["part_of_done"], b"fre")
     put(cache / paths["part_in_store"], b"xx")
@@ -74,10 +74,10 @@ def test_gc_deletes_downloads_no_pull_needs(store: Store,
 
     report = store.gc()
 
-    kept = {paths[k] for k in ("fresh_blob", "fresh_part", "fresh_lock", "record")}
+    kept = {paths[k] for k in ("fresh_blob", "fresh_part", "record")}
     assert downloads(store) == kept
     assert report.downloads_removed == 5  # in_store, old_blob, old_part, part_of_done,
-    assert not report.downloads_busy      # part_in_store; the lonely lock is not counted
+    assert not report.downloads_busy      # part_in_store; lock files are not counted
     assert len(before) == 10
     assert store.resolve(module.handle) == module  # the store's own blob stayed
 

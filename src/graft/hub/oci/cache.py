@@ -2,8 +2,8 @@
 
 ::
 
-    partial/<hex>.part         a download in progress (resumed with a Range request)
-    partial/<hex>.lock         held while one process downloads that blob
+    partial/<hex>.part         a download in progress (resumed with a Range request), locked
+                               (flock) by the process writing it
     blobs/<hex>                a downloaded blob, verified (digest and size), not yet in a module
     transfers.lock             held (shared) by every pull while it runs; gc cleans the
                                downloads only when it can hold it alone
@@ -31,7 +31,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from filelock import FileLock
 
@@ -72,15 +72,18 @@ class BlobCache:
         return self._dir("partial") / f"{hexdigest}.part"
 
     @contextlib.contextmanager
-    def locked(self, hexdigest: str) -> Iterator[None]:
-        """Hold the download of one blob (two pulls never write one partial file)."""
+    def partial_download(self, hexdigest: str) -> Iterator[BinaryIO]:
+        """The partial download of one blob, opened (created empty if there is none) and
+        locked: two pulls never write one partial file.
+
+        The lock is on the file itself, not on a lock file beside it: a file created per blob
+        is what a pull's file system work costs most (``bench/registry.py`` line 4). A pull
+        that waited finds the file renamed into ``blobs/`` or deleted, and takes a new one.
+        """
         from graft.hub import staging
 
-        fd = staging.hold(self._dir("partial") / f"{hexdigest}.lock")  # flock: no polling
-        try:
-            yield
-        finally:
-            os.close(fd)
+        with os.fdopen(staging.hold(self.partial(hexdigest)), "r+b") as part:
+            yield part
 
     @contextlib.contextmanager
     def transfer(self) -> Iterator[None]:
@@ -100,7 +103,7 @@ class BlobCache:
 
         Deleted: downloaded blobs and partial downloads of blobs the store holds (a later
         pull reads those from the store), partial downloads of blobs already downloaded,
-        lock files of no partial download, and every other download untouched for
+        the per-blob lock files of earlier versions, and every other download untouched for
         :data:`RESUME_WINDOW` seconds; with ``everything``, every download.
 
         Args:
@@ -138,16 +141,13 @@ class BlobCache:
                     drop(blob)
                 else:
                     done.add(blob.name)
-            parts = staging.entries(self.root / "partial")
-            for part in parts:
-                if part.suffix == ".lock":
+            for part in staging.entries(self.root / "partial"):
+                if part.suffix == ".lock":  # an earlier version's; no pull runs to hold it
+                    part.unlink(missing_ok=True)
                     continue
                 hexdigest = part.name.removesuffix(".part")
                 if hexdigest in done or in_store(hexdigest) or stale(part):
                     drop(part)
-            for lock in parts:  # no pull runs, so none holds or is about to take one
-                if lock.suffix == ".lock" and not lock.with_suffix(".part").exists():
-                    lock.unlink(missing_ok=True)
         finally:
             if fd >= 0:
                 os.close(fd)

@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from graft._testing import stop_point
 from graft.errors import GraftError, IntegrityError, RegistryError
@@ -41,21 +41,21 @@ def download(client: RegistryClient, repository: str, blob: Descriptor, cache: B
     done = cache.blob(blob.hex)
     if _intact(done, blob):
         return done
-    with cache.locked(blob.hex):
-        if _intact(done, blob):
+    part = cache.partial(blob.hex)
+    with cache.partial_download(blob.hex) as out:
+        if _intact(done, blob):  # another pull finished it while this one waited
+            part.unlink(missing_ok=True)
             return done
-        part = cache.partial(blob.hex)
-        digest, offset = _resume(part, blob)
-        with open(part, "ab") as out:
-            for _ in range(_ATTEMPTS):
-                if offset == blob.size:
-                    break
-                offset, digest = _fetch(client, repository, blob, out, part, offset, digest,
-                                        progress)
-            # fsynced here, in the download's own thread, because the store links the file
-            # in as its blob (hub/assemble.py) rather than copying it
-            out.flush()
-            os.fsync(out.fileno())
+        digest, offset = _resume(out, blob)
+        for _ in range(_ATTEMPTS):
+            if offset == blob.size:
+                break
+            offset, digest = _fetch(client, repository, blob, out, part, offset, digest,
+                                    progress)
+        # fsynced here, in the download's own thread, because the store links the file in as
+        # its blob (hub/assemble.py) rather than copying it
+        out.flush()
+        os.fsync(out.fileno())
         if offset != blob.size:
             raise RegistryError(f"the registry {client.registry} sent {offset} of the "
                                 f"{blob.size} bytes of blob {blob.digest} in {_ATTEMPTS} "
@@ -66,7 +66,7 @@ def download(client: RegistryClient, repository: str, blob: Descriptor, cache: B
             raise IntegrityError(f"blob {blob.digest} from {client.registry}/{repository} does "
                                  "not match its digest: the registry served other bytes. "
                                  "Nothing was stored; report it to the registry's operator")
-        os.replace(part, done)
+        os.replace(part, done)  # while locked: a pull that waited finds it done
     return done
 
 
@@ -118,19 +118,19 @@ def _too_long(client: RegistryClient, blob: Descriptor, part: Path) -> Integrity
                           f"{blob.size} bytes its descriptor declares; refused, nothing stored")
 
 
-def _resume(part: Path, blob: Descriptor) -> tuple[Any, int]:
-    """Hash what an interrupted download left, to continue it."""
+def _resume(part: BinaryIO, blob: Descriptor) -> tuple[Any, int]:
+    """Hash what an interrupted download left in ``part``, to continue it (positioned at its
+    end)."""
     digest = hashlib.sha256()
-    try:
-        size = part.stat().st_size
-    except FileNotFoundError:
-        return digest, 0
+    part.seek(0)
+    size = 0
+    while chunk := part.read(_READ):
+        digest.update(chunk)
+        size += len(chunk)
     if size > blob.size:
-        part.unlink()
-        return digest, 0
-    with open(part, "rb") as f:
-        while chunk := f.read(_READ):
-            digest.update(chunk)
+        part.seek(0)
+        part.truncate()
+        return hashlib.sha256(), 0
     return digest, size
 
 
