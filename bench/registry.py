@@ -11,7 +11,8 @@ in temporary folders, in one run, and prints medians:
 3. store growth for the child (the local store's bytes on disk, hard links counted once);
 4. pull throughput of EfficientNet-Lite0 from the local distribution registry: ``graft pull``
    (into the store, verified, ready to load) vs ``skopeo copy docker://... oci:DIR`` of the
-   same artifact (target >= 1.0x), with the CPU time each client and the registry spent;
+   same artifact (target >= 1.0x), the two taking turns going first, with the CPU time each
+   client and the registry spent;
 5. the per-blob round trip on loopback, the figure that decides whether small tensors need
    grouping into one blob;
 6. what bounds a pull: the same layers fetched by a bare client (httpx, 8 threads, the bytes
@@ -120,24 +121,31 @@ def main() -> None:
         graft_times, skopeo_times = [], []
         cpu: dict[str, list[float]] = {"graft": [], "skopeo": [], "registry, graft": [],
                                        "registry, skopeo": []}
-        for i in range(args.repeats):
+
+        def run_graft(i: int) -> None:
             target = Store(work / f"pull-{i}")
             before = _cpu(registry.process.pid)
             start = time.perf_counter()
             pull(pushed.reference, store=target, progress=False)
             graft_times.append(time.perf_counter() - start)
             _account(cpu, "graft", before, _cpu(registry.process.pid))
-            layout = work / f"skopeo-{i}"
+
+        def run_skopeo(i: int) -> None:
             before = _cpu(registry.process.pid)
             start = time.perf_counter()
             subprocess.run([skopeo, "copy", "--quiet", "--src-tls-verify=false",
                             f"docker://{registry.address}/zoo/efficientnet-lite0@"
-                            f"{pushed.manifest_digest}", f"oci:{layout}:net"], check=True,
-                           capture_output=True)
+                            f"{pushed.manifest_digest}", f"oci:{work / f'skopeo-{i}'}:net"],
+                           check=True, capture_output=True)
             skopeo_times.append(time.perf_counter() - start)
             _account(cpu, "skopeo", before, _cpu(registry.process.pid))
-            shutil.rmtree(target.root)
-            shutil.rmtree(layout)
+
+        for i in range(args.repeats):
+            # the clients take turns going first: neither always follows the other's deletes
+            for run in (run_graft, run_skopeo) if i % 2 == 0 else (run_skopeo, run_graft):
+                run(i)
+            shutil.rmtree(work / f"pull-{i}")
+            shutil.rmtree(work / f"skopeo-{i}")
         g, s = statistics.median(graft_times), statistics.median(skopeo_times)
         size = pushed_size(pushed, parent_bytes)
         # each repeat pulls with both clients back to back: its ratio sees the same machine
