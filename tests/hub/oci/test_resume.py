@@ -129,3 +129,22 @@ def test_a_download_that_waited_for_another_takes_its_blob(tmp_path):
     assert got == [cache.blob(blob.hex)] and cache.blob(blob.hex).read_bytes() == data
     assert requests == []  # nothing fetched again
     assert not list((tmp_path / "oci-cache" / "partial").iterdir())
+
+
+def test_a_partial_file_longer_than_its_blob_is_started_over(tmp_path):
+    data = os.urandom(4096)
+    blob = Descriptor(media_type="application/octet-stream",
+                      digest="sha256:" + hashlib.sha256(data).hexdigest(), size=len(data))
+    ranges = []
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        ranges.append(request.headers.get("range"))
+        return httpx.Response(200, content=iter([data]))  # a body that streams
+
+    cache = BlobCache(tmp_path)
+    cache.partial(blob.hex).write_bytes(os.urandom(2 * len(data)))  # not this blob's bytes
+    with RegistryClient("registry.test", transport=httpx.MockTransport(serve)) as client:
+        path = download(client, "zoo/net", blob, cache)
+    assert path.read_bytes() == data
+    assert ranges == [None]  # the whole blob asked for, not a resume past its end
+    assert not list((tmp_path / "oci-cache" / "partial").iterdir())

@@ -122,15 +122,13 @@ def _resume(part: BinaryIO, blob: Descriptor) -> tuple[Any, int]:
     """Hash what an interrupted download left in ``part``, to continue it (positioned at its
     end)."""
     digest = hashlib.sha256()
-    part.seek(0)
+    if os.fstat(part.fileno()).st_size > blob.size:  # not this blob's: start over, unread
+        part.truncate(0)
+        return digest, 0
     size = 0
     while chunk := part.read(_READ):
         digest.update(chunk)
         size += len(chunk)
-    if size > blob.size:
-        part.seek(0)
-        part.truncate()
-        return hashlib.sha256(), 0
     return digest, size
 
 
