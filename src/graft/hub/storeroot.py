@@ -1,6 +1,6 @@
 """The store's root: its layout, its modules' index entries, and the index itself (read
 connections, and the writer lock that creates, migrates and rebuilds it). ``Store`` builds
-its public operations on this (hub/store.py)."""
+its public operations on this (hub/reading.py, hub/store.py)."""
 
 from __future__ import annotations
 
