@@ -95,10 +95,14 @@ def test_a_pull_stopped_mid_blob_holds_that_partial_file_and_no_lock_file(saved,
         server.close()
 
 
+def random_blob(size: int = 4096) -> tuple[bytes, Descriptor]:
+    data = os.urandom(size)
+    return data, Descriptor(media_type="application/octet-stream",
+                            digest="sha256:" + hashlib.sha256(data).hexdigest(), size=size)
+
+
 def test_a_download_that_waited_for_another_takes_its_blob(tmp_path):
-    data = os.urandom(4096)
-    blob = Descriptor(media_type="application/octet-stream",
-                      digest="sha256:" + hashlib.sha256(data).hexdigest(), size=len(data))
+    data, blob = random_blob()
     requests = []
 
     def refuse(request: httpx.Request) -> httpx.Response:
@@ -132,9 +136,7 @@ def test_a_download_that_waited_for_another_takes_its_blob(tmp_path):
 
 
 def test_a_partial_file_longer_than_its_blob_is_started_over(tmp_path):
-    data = os.urandom(4096)
-    blob = Descriptor(media_type="application/octet-stream",
-                      digest="sha256:" + hashlib.sha256(data).hexdigest(), size=len(data))
+    data, blob = random_blob()
     ranges = []
 
     def serve(request: httpx.Request) -> httpx.Response:
