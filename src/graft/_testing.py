@@ -10,8 +10,8 @@ waiting with ``os.waitpid(pid, os.WUNTRACED)`` can act while it is frozen and th
 
 from __future__ import annotations
 
-import os
 import signal
+import threading
 
 from graft.settings import test_stop_points
 
@@ -19,14 +19,19 @@ __all__ = ["stop_point"]
 
 _KILL_AT, _PAUSE_AT = test_stop_points()
 _seen: dict[str, int] = {}
+_counting = threading.Lock()  # pull threads reach one point together: count each once
 
 
 def stop_point(name: str) -> None:
     """Kill or pause this process here if a test asked for it (see the module docstring)."""
     if _KILL_AT is None and _PAUSE_AT is None:
         return
-    count = _seen[name] = _seen.get(name, 0) + 1
+    with _counting:
+        count = _seen[name] = _seen.get(name, 0) + 1
+    # Sent to this thread, not the process: a process-wide signal may be taken by another
+    # thread, and this one would run on past the point until the stop reached it. A stop or a
+    # kill still ends or freezes every thread, and this one before it returns from the call.
     if _KILL_AT == (name, count):
-        os.kill(os.getpid(), signal.SIGKILL)
+        signal.pthread_kill(threading.get_ident(), signal.SIGKILL)
     if _PAUSE_AT == (name, count):
-        os.kill(os.getpid(), signal.SIGSTOP)  # resumes when the test sends SIGCONT
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)  # until the test's SIGCONT
