@@ -71,7 +71,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 # -- exact resumption across processes --------------------------------------------------------
 
 SCRIPT = textwrap.dedent("""
-    import logging, sys, time
+    import logging, signal, sys, time
     import torch
     from safetensors.torch import save_file
     from torch.utils.data import Dataset, TensorDataset
@@ -80,6 +80,9 @@ SCRIPT = textwrap.dedent("""
 
     torch.set_num_threads(1)
     model_dir, max_steps, out, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    # Ctrl-C as a terminal delivers it, even where the test runner was started with SIGINT
+    # ignored (a background job), which this process would inherit and training respects
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     class Report(logging.Handler):
         def emit(self, record):
@@ -246,7 +249,17 @@ def test_interrupt_in_process_checkpoints_and_continues_exactly(tmp_path):
     assert_same_weights(resumed.model.state_dict(), reference.model.state_dict())
 
 
-def test_interrupt_guard_defers_ctrl_c_in_critical_sections():
+@pytest.fixture
+def sigint(request):
+    """SIGINT set to ``request.param`` (default: Python's KeyboardInterrupt) for one test,
+    whatever the runner inherited (a background job starts with it ignored)."""
+    previous = signal.signal(signal.SIGINT, getattr(request, "param",
+                                                    signal.default_int_handler))
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_guard_defers_ctrl_c_in_critical_sections(sigint):
     done = []
     with InterruptGuard() as guard:
         with pytest.raises(KeyboardInterrupt):
@@ -257,6 +270,18 @@ def test_interrupt_guard_defers_ctrl_c_in_critical_sections():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("sigint", [signal.SIG_IGN], indirect=True)
+def test_interrupt_guard_keeps_an_ignored_ctrl_c_ignored(sigint):
+    done = []
+    with InterruptGuard() as guard:  # training started with nohup, or as a background job
+        with guard.critical():
+            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("still training")
+    assert done == ["still training"]
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 def test_train_calls_in_pieces_equal_one_call():
