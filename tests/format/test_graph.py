@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from graft.errors import FormatError, UnsafeContentError
 from graft.format import graph as g
-from graft.format.graph import Ref, Tag, graph_from_json, graph_text, read_graph
+from graft.format.arguments import Ref, Tag
+from graft.format.graph import graph_from_json, graph_text, read_graph
 
 SHELL = "__import__('os').system('touch /tmp/graft-pwned')"
 
@@ -115,7 +115,7 @@ def test_the_message_names_file_node_and_reason():
     ([{"ref": "act"}, "dim"], {}, "argument 'dim' must be a list of int"),
     ([{"ref": "act"}, [1], "yes"], {}, "argument 'keepdim' must be bool"),
     ([{"ref": "act"}, [1]], {"dtype": "float32"}, "argument 'dtype' must be ScalarType"),
-    ([{"ref": "act"}, [1]], {"dtype": {"dtype": "object"}}, "is not a graft.graph/1 value"),
+    ([{"ref": "act"}, [1]], {"dtype": {"dtype": "object"}}, "is not a program value"),
     ([[{"ref": "act"}], [1]], {}, "argument 'self' must be Tensor"),
     ([], {}, "needs argument 'self'"),
     ([{"ref": "act"}, [1], False, None, 5], {}, "takes at most 3 positional arguments, got 5"),

@@ -16,8 +16,10 @@ format allows:
   program itself created;
 - work: node, list and byte limits, and literal sizes of allocating operators.
 
-The runner (``graft.runtime.program``) executes a ``Graph`` only through this module's
-output, and checks at run time the sizes this reader cannot know (symbolic ones).
+The checks of each operator call (values, binding, types, effects, work) are in
+:mod:`graft.format.arguments`, which this reader extends. The runner
+(``graft.runtime.program``) executes a ``Graph`` only through this module's output, and checks
+at run time the sizes this reader cannot know (symbolic ones).
 """
 
 from __future__ import annotations
@@ -28,29 +30,21 @@ from typing import Any, Mapping
 
 from graft.errors import FormatError, UnsafeContentError
 from graft.format import limits
+from graft.format.arguments import ArgumentChecks, Ref, Tag, short
 from graft.format.jsonio import loads
-from graft.format.operators import PY_FUNCTIONS, OpSchema, Param, operator_list, \
-    requested_elements
+from graft.format.operators import PY_FUNCTIONS, OpSchema, operator_list
 
 __all__ = [
-    "DEVICES",
-    "DTYPES",
     "GRAPH_FORMAT",
     "Graph",
     "INPUT_KINDS",
     "Input",
-    "LAYOUTS",
-    "MAX_ELEMENTS",
-    "MAX_LIST",
     "MAX_NODES",
     "MAX_PROGRAM_BYTES",
-    "MEMORY_FORMATS",
     "NAME",
     "Node",
     "OUTPUT_KINDS",
     "Output",
-    "Ref",
-    "Tag",
     "graph_from_json",
     "graph_text",
     "read_graph",
@@ -62,42 +56,15 @@ GRAPH_FORMAT = "graft.graph/1"
 MAX_PROGRAM_BYTES = limits.MAX_PROGRAM_BYTES
 #: Most nodes (and inputs, and outputs) in one program.
 MAX_NODES = limits.MAX_PROGRAM_NODES
-#: Longest list argument (sizes, tensor lists).
-MAX_LIST = limits.MAX_PROGRAM_LIST
-#: Most elements one operator may be asked to allocate (2**32: 16 GiB of float32), checked
-#: for literal sizes here and for symbolic ones by the runner.
-MAX_ELEMENTS = limits.MAX_PROGRAM_ELEMENTS
 INPUT_KINDS = ("parameter", "buffer", "constant", "input")
 OUTPUT_KINDS = ("output", "buffer_mutation")
-DTYPES = ("float64", "float32", "float16", "bfloat16", "complex64", "complex128", "int64",
-          "int32", "int16", "int8", "uint8", "bool")
-DEVICES = ("cpu", "cuda", "mps", "meta")
-LAYOUTS = ("strided",)
-MEMORY_FORMATS = ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format")
 #: What input, node and keyword names must match in full.
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 # As the manifest names tensors: dotted identifiers, no dunder parts, at most 512 characters.
 _TENSOR_NAME = re.compile(r"(?=.{1,512}\Z)(?!__)[A-Za-z0-9_]+(\.(?!__)[A-Za-z0-9_]+)*", re.S)
-_INT64 = 2**63
-_TAGS = {"dtype": DTYPES, "device": DEVICES, "layout": LAYOUTS, "memory_format": MEMORY_FORMATS}
 
 
 # -- what a validated program is --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A reference to an earlier value: ``slot`` counts the inputs first, then the nodes."""
-
-    slot: int
-
-
-@dataclass(frozen=True)
-class Tag:
-    """A non-JSON argument value: a dtype, device, layout or memory format, by name."""
-
-    kind: str
-    name: str
 
 
 @dataclass(frozen=True)
@@ -173,12 +140,7 @@ def _keys(obj: Any, required: set[str], optional: set[str], what: str) -> dict[s
     return obj
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-class _Reader:
+class _Reader(ArgumentChecks):
     """One validation pass; slots, kinds and alias roots of every value defined so far."""
 
     def __init__(self, name: str, train: bool) -> None:
@@ -200,7 +162,7 @@ class _Reader:
             found = data.get("format")
             hint = (" (written by a newer Graft: upgrade Graft)"
                     if isinstance(found, str) and found.startswith("graft.graph/") else "")
-            raise FormatError(f"program {self.name} has format {_short(found)}; this Graft "
+            raise FormatError(f"program {self.name} has format {short(found)}; this Graft "
                               f"reads {GRAPH_FORMAT!r}{hint}")
         data = self._keys(data, {"format", "inputs", "nodes", "outputs"}, set(), "the program")
         inputs, nodes, outputs = data["inputs"], data["nodes"], data["outputs"]
@@ -235,7 +197,7 @@ class _Reader:
 
     def _define(self, name: Any, kind: Any, roots: frozenset[int] | None) -> int:
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            self.fail(f"the name {_short(name)} is not an identifier "
+            self.fail(f"the name {short(name)} is not an identifier "
                       "([A-Za-z_][A-Za-z0-9_]*, at most 200 characters)", unsafe=True)
         if name in self.slots:
             self.fail(f"the name {name!r} is defined twice")
@@ -249,13 +211,13 @@ class _Reader:
         raw = self._keys(raw, {"name", "kind"}, {"target"}, "an input")
         kind, target = raw["kind"], raw.get("target")
         if kind not in INPUT_KINDS:
-            self.fail(f"input kind {_short(kind)} is not one of {INPUT_KINDS}")
+            self.fail(f"input kind {short(kind)} is not one of {INPUT_KINDS}")
         if (kind == "input") != (target is None):
             self.fail(f"a {kind} input must {'not ' if kind == 'input' else ''}name a target "
                       "tensor")
         if target is not None and not (isinstance(target, str)
                                        and _TENSOR_NAME.fullmatch(target)):
-            self.fail(f"input target {_short(target)} is not a tensor name", unsafe=True)
+            self.fail(f"input target {short(target)} is not a tensor name", unsafe=True)
         self._define(raw["name"], "Tensor", None)
         self.inputs.append(Input(raw["name"], kind, target))
 
@@ -267,7 +229,7 @@ class _Reader:
             self.where += f" ({raw['name']})"
         target = raw["target"]
         if not isinstance(target, str) or (target not in table and target not in PY_FUNCTIONS):
-            self.fail(f"it calls {_short(target)}, which is not in Graft's operator list "
+            self.fail(f"it calls {short(target)}, which is not in Graft's operator list "
                       f"for {GRAPH_FORMAT} (graft/format/operators.json, see docs/format.md); "
                       "only listed pure tensor operators can run", unsafe=True)
         args, kwargs = raw["args"], raw["kwargs"]
@@ -276,7 +238,7 @@ class _Reader:
         args = tuple(self._value(v) for v in args)
         for key in kwargs:
             if not NAME.fullmatch(key):
-                self.fail(f"keyword {_short(key)} is not an identifier", unsafe=True)
+                self.fail(f"keyword {short(key)} is not an identifier", unsafe=True)
         kwargs = {k: self._value(v) for k, v in kwargs.items()}
         if target in PY_FUNCTIONS:
             kind, roots = self._py_function(target, args, kwargs)
@@ -285,197 +247,26 @@ class _Reader:
         self._define(raw["name"], kind, roots)
         return Node(raw["name"], target, args, tuple(kwargs.items()))
 
-    def _value(self, value: Any, depth: int = 0) -> Any:
-        if value is None or isinstance(value, (bool, str)):
-            return value
-        if isinstance(value, int):
-            if not -_INT64 <= value < _INT64:
-                self.fail(f"the integer {value} does not fit in 64 bits")
-            return value
-        if isinstance(value, float):
-            return value
-        if isinstance(value, list):
-            if len(value) > MAX_LIST:
-                self.fail(f"a list of {len(value)} items is over the limit of {MAX_LIST}")
-            if depth > 1:
-                self.fail("lists nest at most two levels")
-            return tuple(self._value(v, depth + 1) for v in value)
-        if isinstance(value, dict) and len(value) == 1:
-            ((tag, body),) = value.items()
-            if tag == "ref":
-                if not isinstance(body, str) or body not in self.slots:
-                    self.fail(f"it refers to {_short(body)} before defining it")
-                return Ref(self.slots[body])
-            if tag == "float" and body in ("inf", "-inf", "nan"):
-                return float(body)
-            if tag in _TAGS and body in _TAGS[tag]:
-                return Tag(tag, body)
-        self.fail(f"the argument {_short(value)} is not a {GRAPH_FORMAT} value")
-
-    def _kind(self, value: Any) -> Any:
-        return self.kinds[value.slot] if isinstance(value, Ref) else None
-
-    def _py_function(self, target: str, args: tuple, kwargs: dict) -> tuple[Any, Any]:
-        if kwargs or len(args) != PY_FUNCTIONS[target]:
-            self.fail(f"{target} takes {PY_FUNCTIONS[target]} positional arguments")
-        if target == "operator.getitem":
-            container, index = args
-            kind = self._kind(container)
-            roots = self.roots[container.slot] if isinstance(container, Ref) else None
-            if isinstance(kind, tuple) and kind[0] == "tuple":
-                if isinstance(index, int) and not isinstance(index, bool) \
-                        and 0 <= index < len(kind[1]):
-                    return kind[1][index], roots
-                self.fail(f"index {_short(index)} is out of range for a result of "
-                          f"{len(kind[1])} values")
-            if isinstance(kind, tuple) and kind[0] == "list":
-                if (isinstance(index, int) and not isinstance(index, bool)
-                        or self._kind(index) == "Number"):
-                    return kind[1], roots
-                self.fail(f"index {_short(index)} is not an integer")
-            self.fail("operator.getitem applies only to an operator's list or tuple result")
-        for value in args:
-            if not (isinstance(value, (int, float)) or self._kind(value) == "Number"):
-                self.fail(f"{target} takes numbers (sizes), got {_short(value)}")
-        return "Number", frozenset()
-
-    def _operator(self, op: OpSchema, args: tuple, kwargs: dict) -> tuple[Any, Any]:
-        positional = [p for p in op.params if not p.kwarg_only]
-        if len(args) > len(positional):
-            self.fail(f"{op.name} takes at most {len(positional)} positional arguments, got "
-                      f"{len(args)} ({op.schema})")
-        bound = dict(zip((p.name for p in positional), args))
-        names = {p.name for p in op.params}
-        for key, value in kwargs.items():
-            if key not in names:
-                self.fail(f"{op.name} has no argument {key!r} ({op.schema})", unsafe=True)
-            if key in bound:
-                self.fail(f"{op.name} argument {key!r} is given twice")
-            bound[key] = value
-        for param in op.params:
-            if param.name not in bound:
-                if not param.has_default and not param.optional:
-                    self.fail(f"{op.name} needs argument {param.name!r} ({op.schema})")
-                continue
-            self._check(op, param, bound[param.name])
-        if op.mutates:
-            self._check_effects(op, bound)
-        elements = requested_elements(op, bound, lambda _: None) if op.sized else None
-        if elements is not None and elements > MAX_ELEMENTS:
-            self.fail(f"{op.name} asks for {elements} elements, over the limit of "
-                      f"{MAX_ELEMENTS}")
-        return self._result(op, bound)
-
-    def _check(self, op: OpSchema, param: Param, value: Any) -> None:
-        if value is None and param.optional:
-            return
-        if param.is_list:
-            element = "Tensor" if param.base == "Tensor" else "Number"
-            if self._kind(value) == ("list", element):
-                return  # an operator's list result, passed on whole
-            items = (value,) if isinstance(value, int) and param.base in ("int", "SymInt") \
-                else value
-            if not isinstance(items, tuple):
-                self.fail(f"{op.name} argument {param.name!r} must be a list of "
-                          f"{param.base}, got {_short(value)}")
-            for item in items:
-                if not (item is None and param.elem_optional):
-                    self._check_one(op, param, item)
-            return
-        self._check_one(op, param, value)
-
-    def _check_one(self, op: OpSchema, param: Param, value: Any) -> None:
-        base, kind = param.base, self._kind(value)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if base == "Tensor":
-            # torch.export writes Python numbers where an operator wraps them as 0-d tensors
-            # (``add.Tensor(x, 1)``); a tensor list holds tensors only.
-            ok = kind == "Tensor" or (not param.is_list and (
-                number or isinstance(value, bool) or kind == "Number"))
-        elif base in ("int", "SymInt"):
-            ok = (isinstance(value, int) and not isinstance(value, bool)) or kind == "Number"
-        elif base == "float":
-            ok = number or kind == "Number"
-        elif base == "bool":
-            ok = isinstance(value, bool) or kind == "Number"
-        elif base == "Scalar":
-            ok = number or isinstance(value, bool) or kind == "Number"
-        elif base in ("ScalarType", "Layout", "Device", "MemoryFormat"):
-            tag = {"ScalarType": "dtype", "Layout": "layout", "Device": "device",
-                   "MemoryFormat": "memory_format"}[base]
-            ok = isinstance(value, Tag) and value.kind == tag
-        elif base == "str":
-            ok = isinstance(value, str) and (
-                (param.choices is not None and value in param.choices)
-                or (param.pattern is not None and param.pattern.fullmatch(value) is not None))
-            if not ok:
-                allowed = list(param.choices) if param.choices is not None else "a pattern"
-                self.fail(f"{op.name} argument {param.name!r} is {_short(value)}, not one of "
-                          f"{allowed}")
-        else:  # Generator: only None (the default generator), handled by the caller
-            ok = False
-        if not ok:
-            self.fail(f"{op.name} argument {param.name!r} must be {base}, got "
-                      f"{_short(value)}{' (a ' + str(kind) + ')' if kind else ''}")
-
-    def _check_effects(self, op: OpSchema, bound: dict[str, Any]) -> None:
-        for param in op.params:
-            if not param.mutable or bound.get(param.name) is None:
-                continue
-            if param.mutable_when is not None and bound.get(param.mutable_when) is False:
-                continue
-            value = bound[param.name]
-            if not isinstance(value, Ref):
-                self.fail(f"{op.name} updates {param.name!r}, which must be a tensor")
-            for root in self.roots[value.slot]:
-                if root >= len(self.inputs):
-                    continue  # a tensor this program created
-                source = self.inputs[root]
-                if source.kind != "buffer":
-                    self.fail(f"{op.name} updates {source.kind} {source.name!r} in place; "
-                              "a program may update only buffers", unsafe=True)
-                if not self.train:
-                    self.fail(f"{op.name} updates buffer {source.name!r} in an eval program; "
-                              "only train programs may update buffers", unsafe=True)
-
-    def _result(self, op: OpSchema, bound: dict[str, Any]) -> tuple[Any, frozenset[int] | None]:
-        kinds = []
-        aliased: set[int] = set()
-        for kind, alias in op.returns:
-            base = kind.removesuffix("[]")
-            elem = "Tensor" if base == "Tensor" else "Number"
-            kinds.append(("list", elem) if kind.endswith("[]") else elem)
-            if alias is not None:
-                for param in op.params:
-                    value = bound.get(param.name)
-                    if param.alias == alias and isinstance(value, Ref):
-                        aliased |= self.roots[value.slot]
-        if not kinds:
-            kind: Any = "None"
-        else:
-            kind = kinds[0] if len(kinds) == 1 else ("tuple", tuple(kinds))
-        return kind, (frozenset(aliased) if aliased else None)
-
     # -- outputs ------------------------------------------------------------------------------
 
     def _output(self, raw: Any) -> Output:
         raw = self._keys(raw, {"kind", "value"}, {"target"}, "an output")
         kind, target = raw["kind"], raw.get("target")
         if kind not in OUTPUT_KINDS:
-            self.fail(f"output kind {_short(kind)} is not one of {OUTPUT_KINDS}")
+            self.fail(f"output kind {short(kind)} is not one of {OUTPUT_KINDS}")
         value = raw["value"]
         if not (isinstance(value, dict) and set(value) == {"ref"}):
-            self.fail(f"output value {_short(value)} must be a reference to a tensor")
+            self.fail(f"output value {short(value)} must be a reference to a tensor")
         ref = self._value(value)
         if self.kinds[ref.slot] != "Tensor":
-            self.fail(f"output {_short(value['ref'])} is not a tensor")
+            self.fail(f"output {short(value['ref'])} is not a tensor")
         if kind == "output":
             if target is not None:
                 self.fail("a signature output names no target")
             return Output(kind, ref)
         buffers = {i.target for i in self.inputs if i.kind == "buffer"}
         if target not in buffers:
-            self.fail(f"buffer_mutation target {_short(target)} is not a buffer input of this "
+            self.fail(f"buffer_mutation target {short(target)} is not a buffer input of this "
                       "program", unsafe=True)
         if not self.train:
             self.fail(f"an eval program updates buffer {target!r}", unsafe=True)

@@ -24,18 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from graft.errors import FormatError, ProgramError
-from graft.format.graph import (
-    DTYPES,
-    LAYOUTS,
-    MAX_ELEMENTS,
-    MEMORY_FORMATS,
-    Graph,
-    Ref,
-    Tag,
-    graph_from_json,
-    graph_text,
-    read_graph,
-)
+from graft.format.arguments import DTYPES, LAYOUTS, MAX_ELEMENTS, MEMORY_FORMATS, Ref, Tag
+from graft.format.graph import Graph, graph_from_json, graph_text, read_graph
 from graft.format.operators import PY_FUNCTIONS, OpSchema, operator_list, requested_elements
 
 __all__ = ["PY_TARGETS", "Program", "program_from_json"]
