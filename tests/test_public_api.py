@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import env_with_src
 
 PACKAGES = ["graft", "graft.errors", "graft.format.spec", "graft.format.manifest",
-            "graft.format.arguments", "graft.format.graph",
+            "graft.format.arguments", "graft.format.entries", "graft.format.graph",
             "graft.export.save", "graft.runtime.load", "graft.runtime.module",
             "graft.hub.handles", "graft.hub.store", "graft.hub.diff", "graft.hub.oci",
             "graft.hub.blobs", "graft.hub.gc", "graft.hub.index", "graft.hub.install",

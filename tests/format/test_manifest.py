@@ -13,7 +13,8 @@ import pytest
 
 from graft.errors import FormatError, IntegrityError, ModuleNotFound, UnsafeContentError
 from graft.format import limits
-from graft.format.manifest import FileEntry, Manifest, Parent, TensorEntry, canonical_json
+from graft.format.entries import FileEntry, Parent, TensorEntry
+from graft.format.manifest import Manifest, canonical_json
 from graft.format.spec import ImagePreprocess, SignatureSpec, TextPreprocess
 
 HEX = "ab" * 32
@@ -364,7 +365,7 @@ def test_python_built_manifests_are_checked_like_parsed_ones():
         _manifest(files={"weights.safetensors": FileEntry(HEX, True)})
     with pytest.raises(FormatError):
         _manifest(tensors={"w": TensorEntry("parameter", "float32", (2, True), HEX)})
-    from graft.format.manifest import FineTuning
+    from graft.format.entries import FineTuning
 
     with pytest.raises(FormatError):
         _manifest(fine_tuning=FineTuning(trainable="no"))  # type: ignore[arg-type]

@@ -21,7 +21,8 @@ import torch
 import graft
 from graft.errors import FormatError, IntegrityError, PathExists, UnsafeContentError
 from graft._fs import sha256_file
-from graft.format.manifest import FileEntry, Manifest
+from graft.format.entries import FileEntry
+from graft.format.manifest import Manifest
 from tests.conftest import TinyCNN
 
 

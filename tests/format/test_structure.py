@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from graft.errors import FormatError
-from graft.format.manifest import FileEntry, FineTuning, Manifest, TensorEntry
+from graft.format.entries import FileEntry, FineTuning, TensorEntry
+from graft.format.manifest import Manifest
 from graft.format.spec import SignatureSpec
 from graft.format.structure import MAX_DEPTH, check_structure, structure_leaves
 

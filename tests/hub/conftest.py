@@ -20,7 +20,8 @@ from typing import Callable, Mapping
 
 import pytest
 
-from graft.format.manifest import FileEntry, Manifest, Parent, TensorEntry
+from graft.format.entries import FileEntry, Parent, TensorEntry
+from graft.format.manifest import Manifest
 from graft.format.spec import SignatureSpec
 from graft.hub.store import Store
 

@@ -29,7 +29,8 @@ from graft.errors import (
 from graft.hub.handles import parse_handle
 from graft.hub.store import GcReport, Store, StoredModule
 from graft.hub.tensors import HEADER_LINK
-from graft.format.manifest import Manifest, Parent
+from graft.format.entries import Parent
+from graft.format.manifest import Manifest
 from tests.hub.conftest import program_bytes, random_bytes, weights_bytes
 
 WEIGHTS = "weights.safetensors"

@@ -18,7 +18,8 @@ from typing import Callable
 import pytest
 
 from graft.errors import IntegrityError
-from graft.format.manifest import Manifest, Parent
+from graft.format.entries import Parent
+from graft.format.manifest import Manifest
 from graft.hub import index, tensorfiles
 from graft.hub.store import Store
 from tests.hub.test_store import assert_consistent, assert_no_leftovers, blob, blob_names, tamper

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 import graft
 from graft.errors import IntegrityError, StoreError, UnsafeContentError
-from graft.format.manifest import FileEntry, Manifest, Parent, TensorEntry
+from graft.format.entries import FileEntry, Parent, TensorEntry
+from graft.format.manifest import Manifest
 from graft.hub.store import Store
 from graft.hub.tensors import HEADER_LINK
 from graft.runtime.load import _read_blobs

@@ -15,7 +15,8 @@ from torch import nn
 import graft
 from graft._fs import sha256_file
 from graft.errors import FormatError, SignatureError, UnsafeContentError
-from graft.format.manifest import FileEntry, Manifest
+from graft.format.entries import FileEntry
+from graft.format.manifest import Manifest
 from graft.format.spec import SignatureSpec
 from graft.hub.store import Store
 from graft.runtime.verify import verify_module

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import graft
-from graft.format.manifest import Manifest, Parent
+from graft.format.entries import Parent
+from graft.format.manifest import Manifest
 from graft.hub.oci import artifact
 from tests.conftest import TinyCNN, env_with_src
 

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from graft._fs import sha256_bytes
-from graft.format.manifest import FileEntry, Manifest
+from graft.format.entries import FileEntry
+from graft.format.manifest import Manifest
 from graft.hub.oci import artifact
 from tests.server.conftest import module_blobs, push_blob, push_module, sha
 

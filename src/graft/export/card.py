@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from graft.format.manifest import Parent
+from graft.format.entries import Parent
 from graft.format.spec import SignatureSpec
 
 __all__ = ["model_card_text"]

@@ -27,13 +27,10 @@ from graft.export.card import model_card_text
 from graft.export.signature import Signature, bind_inputs, normalise_signatures
 from graft.export.state import ModelState, model_state, tensor_sha256
 from graft.export.trace import Traced, trace_signature
+from graft.format.entries import FileEntry, FineTuning, Parent, TensorEntry
 from graft.format.files import refuse_code_or_pickle
 from graft.format.manifest import (
-    FileEntry,
-    FineTuning,
     Manifest,
-    Parent,
-    TensorEntry,
     canonical_json,
     check_relative_path,
     validate_name,

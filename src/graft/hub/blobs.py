@@ -23,7 +23,8 @@ from typing import BinaryIO, Iterable
 from graft._fs import fsync_dir, sha256_file
 from graft.errors import IntegrityError, UnsafeContentError
 from graft.format import files
-from graft.format.manifest import FileEntry, resolve_inside
+from graft.format.entries import FileEntry
+from graft.format.manifest import resolve_inside
 
 __all__ = ["check_sources", "copy_checked", "link_or_copy", "open_regular", "place_blob",
            "publish"]

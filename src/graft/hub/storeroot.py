@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from graft.errors import GraftError, HandleError, StoreError
-from graft.format.manifest import Manifest, Parent
+from graft.format.entries import Parent
+from graft.format.manifest import Manifest
 from graft.hub import index, leases, readers, staging
 from graft.hub.gc import TREE_NAME, adopt
 from graft.hub.lookup import hex_of

@@ -33,8 +33,9 @@ from typing import Any, Callable, Mapping
 
 from graft.errors import FormatError, GraftError, IntegrityError
 from graft.format import files, jsonio
+from graft.format.entries import FileEntry
 from graft.format.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SAFETENSORS_TENSORS
-from graft.format.manifest import FileEntry, Manifest
+from graft.format.manifest import Manifest
 from graft.format.tensorfile import parse_safetensors_header
 from graft.hub.blobs import open_regular, publish
 from graft.hub import tensors

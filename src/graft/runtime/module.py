@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from graft.errors import FormatError, SignatureError
-from graft.format.manifest import BATCH_NORM_POLICIES, Manifest, resolve_inside
+from graft.format.entries import BATCH_NORM_POLICIES
+from graft.format.manifest import Manifest, resolve_inside
 from graft.runtime.outputs import build_outputs
 from graft.runtime.program import Program, program_from_json
 from graft.format.spec import ImagePreprocess, SignatureSpec, TextPreprocess

@@ -15,7 +15,8 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import pytest
 
-from graft.format.manifest import FileEntry, Manifest, Parent, TensorEntry
+from graft.format.entries import FileEntry, Parent, TensorEntry
+from graft.format.manifest import Manifest
 from graft.format.spec import SignatureSpec
 from graft.hub.store import Store
 from tests.hub.oci.hostile import free_port

@@ -203,7 +203,7 @@ def test_a_program_outside_the_operator_list_is_refused_while_tensors_download(
     import shutil
 
     from graft.errors import UnsafeContentError
-    from graft.format.manifest import FileEntry
+    from graft.format.entries import FileEntry
 
     module = tmp_path / "module"
     shutil.copytree(saved.parent, module)
